@@ -1,0 +1,53 @@
+# pg_email — every target installs what it needs, so each works on a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+PGRX_VERSION := 0.18.1
+PYTHON := /usr/bin/python3
+E2E_DIR := $(CURDIR)/.e2e
+E2E_PORT ?= 5499
+PGRX_TEST_DIR := /var/tmp/pg_email-pgrx-tests
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+DEB_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config sudo \
+	postfix python3-aiosmtpd python3-dkim python3-psycopg2 python3-pytest python3-botocore swaks \
+	ca-certificates openssl libssl-dev
+
+.PHONY: deps build install test unit pgtest e2e demo bench clean-e2e
+
+deps: .deps-stamp
+.deps-stamp: Makefile
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@# Debian starts a default cluster and a system postfix; pg_email's tests run their own.
+	@if ! cargo pgrx --version 2>/dev/null | grep -q "$(PGRX_VERSION)"; then \
+		cargo install cargo-pgrx --version $(PGRX_VERSION) --locked; \
+	fi
+	@grep -qs 'pg15 = "$(PG_CONFIG)"' $(HOME)/.pgrx/config.toml || cargo pgrx init --pg15 $(PG_CONFIG)
+	@touch $@
+
+build: deps
+	cargo build --release
+
+install: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+# Every test there is: unit tests and #[pg_test]s (one cargo pgrx test run), then the
+# end-to-end suite against a cluster started here with the worker preloaded.
+test: deps pgtest e2e
+
+pgtest: deps
+	mkdir -p $(PGRX_TEST_DIR) && chown postgres:postgres $(PGRX_TEST_DIR)
+	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DIR)/data
+
+e2e: install
+	E2E_DIR=$(E2E_DIR) E2E_PORT=$(E2E_PORT) $(PYTHON) -m pytest -p no:cacheprovider -q tests/e2e
+
+demo: install
+	@bash scripts/demo.sh
+
+clean-e2e:
+	-scripts/cluster.sh stop $(E2E_DIR)
+	rm -rf $(E2E_DIR)

@@ -1,0 +1,138 @@
+//! Administration functions: cancel, retry, purge and worker_status. They run in the caller's
+//! backend; cancel and retry act only on messages the caller queued, unless the caller is a
+//! member of the extension owner's role.
+
+use pgrx::prelude::*;
+use std::sync::atomic::Ordering;
+
+use super::{caller_role, invalid, spi_failed};
+use crate::message::FieldError;
+use crate::worker::wake::{self, STATES};
+
+/// True when `role` may act on every message (owner role members and superusers).
+const ALLOWED: &str = "(m.created_by = $2 OR pg_has_role($2, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER'))";
+
+fn change(sql: &str, id: Option<i64>) -> bool {
+    let Some(id) = id else { invalid(FieldError::new("id", "is required")) };
+    let caller = caller_role();
+    Spi::connect_mut(|client| {
+        let t = client.update(sql, None, &[id.into(), caller.as_str().into()]).unwrap_or_else(|e| spi_failed(e));
+        !t.is_empty()
+    })
+}
+
+/// Cancels a message that is still queued; true if it was.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn cancel(id: Option<i64>) -> bool {
+    change(
+        &format!(
+            "WITH c AS (UPDATE email.messages m SET status = 'cancelled', updated_at = now() \
+             WHERE m.id = $1 AND m.status = 'queued' AND {ALLOWED} RETURNING m.id, m.transport) \
+             INSERT INTO email.receipts (message_id, event, transport, response) \
+             SELECT c.id, 'cancelled', c.transport, 'cancelled by ' || $2 FROM c RETURNING message_id"
+        ),
+        id,
+    )
+}
+
+/// Requeues a failed or bounced message for a fresh series of attempts; true if it was.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn retry(id: Option<i64>) -> bool {
+    let done = change(
+        &format!(
+            "UPDATE email.messages m SET status = 'queued', attempts = 0, next_attempt_at = now(), \
+             lease_until = NULL, last_error = NULL, updated_at = now() \
+             WHERE m.id = $1 AND m.status IN ('failed', 'bounced') AND {ALLOWED} RETURNING m.id"
+        ),
+        id,
+    );
+    if done {
+        wake::mark_queued();
+    }
+    done
+}
+
+/// Deletes finished messages (and their receipts, attachments and captures) created longer ago
+/// than `older_than`; returns how many messages went.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn purge(older_than: Option<pgrx::datum::Interval>) -> i64 {
+    let Some(older_than) = older_than else { invalid(FieldError::new("older_than", "is required")) };
+    Spi::connect_mut(|client| {
+        let neg = client
+            .select("SELECT $1 < interval '0'", None, &[older_than.into()])
+            .unwrap_or_else(|e| spi_failed(e))
+            .first()
+            .get::<bool>(1)
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if neg {
+            invalid(FieldError::new("older_than", "must not be negative"));
+        }
+        client
+            .update(
+                "WITH d AS (DELETE FROM email.messages WHERE status IN \
+                 ('sent', 'delivered', 'bounced', 'failed', 'cancelled', 'suppressed') \
+                 AND created_at < now() - $1 RETURNING 1) SELECT count(*) FROM d",
+                None,
+                &[older_than.into()],
+            )
+            .unwrap_or_else(|e| spi_failed(e))
+            .first()
+            .get::<i64>(1)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    })
+}
+
+fn ts(v: i64) -> Option<TimestampWithTimeZone> {
+    (v != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pgrx::pg_sys::Datum::from(v), false) }).flatten()
+}
+
+/// One row per worker slot that is running or has run since the server started.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(worker, i32),
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(in_flight, i32),
+        name!(sent, i64),
+        name!(deferred, i64),
+        name!(failed, i64),
+        name!(bounced, i64),
+        name!(started_at, Option<TimestampWithTimeZone>),
+        name!(last_activity, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let mut rows = Vec::new();
+    if let Some(shared) = wake::shared() {
+        for (i, s) in shared.slots.iter().enumerate() {
+            let started = s.started_at.load(Ordering::Relaxed);
+            if started == 0 {
+                continue;
+            }
+            let pid = s.pid.load(Ordering::Relaxed);
+            let state = STATES.get(s.state.load(Ordering::Relaxed) as usize).copied().unwrap_or("unknown");
+            rows.push((
+                i as i32,
+                (pid != 0).then_some(pid),
+                state.to_string(),
+                s.in_flight.load(Ordering::Relaxed) as i32,
+                s.sent.load(Ordering::Relaxed) as i64,
+                s.deferred.load(Ordering::Relaxed) as i64,
+                s.failed.load(Ordering::Relaxed) as i64,
+                s.bounced.load(Ordering::Relaxed) as i64,
+                ts(started),
+                ts(s.last_activity.load(Ordering::Relaxed)),
+            ));
+        }
+    }
+    TableIterator::new(rows)
+}

@@ -1,0 +1,556 @@
+//! Transport DSNs in Symfony Mailer's form, with no pgrx. `email.add_transport` parses and
+//! validates a DSN in the caller's backend (and stores the masked form for display); the worker
+//! parses the stored secret DSN again when it builds the transport. Errors describe what is
+//! wrong without ever repeating the DSN, so a secret cannot leak through an error or a log line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+
+/// What a DSN selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Smtp,
+    SendGrid,
+    Postmark,
+    Resend,
+    Mailgun,
+    Ses,
+    File,
+    Capture,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Smtp => "smtp",
+            Kind::SendGrid => "sendgrid",
+            Kind::Postmark => "postmark",
+            Kind::Resend => "resend",
+            Kind::Mailgun => "mailgun",
+            Kind::Ses => "ses",
+            Kind::File => "file",
+            Kind::Capture => "capture",
+        }
+    }
+
+    pub fn is_http(self) -> bool {
+        matches!(self, Kind::SendGrid | Kind::Postmark | Kind::Resend | Kind::Mailgun | Kind::Ses)
+    }
+}
+
+/// How an SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// STARTTLS is required (the default for `smtp://`).
+    StartTls,
+    /// TLS from the first byte (`smtps://`).
+    Implicit,
+    /// Plain text (`?tls=none`): tests and local relays only.
+    None,
+}
+
+/// A request-rate cap: `count` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+/// A parsed, validated DSN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dsn {
+    pub kind: Kind,
+    pub scheme: String,
+    /// SMTP user, or the API key of SendGrid/Postmark/Resend/Mailgun, or the SES access key id.
+    pub user: Option<String>,
+    /// SMTP password, the Mailgun domain, or the SES secret key.
+    pub password: Option<String>,
+    /// `None` for `@default` (the provider's public endpoint).
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Directory of the file transport.
+    pub path: Option<String>,
+    pub tls: Tls,
+    /// Verify TLS certificates (always, unless `verify=false`).
+    pub verify: bool,
+    /// Extra CA certificate (PEM file) to trust.
+    pub ca: Option<String>,
+    pub timeout: Duration,
+    pub max_connections: u32,
+    pub rate: Option<Rate>,
+    /// Default sender for messages sent through this transport.
+    pub from: Option<String>,
+    /// `http` or `https` for provider endpoints.
+    pub http_scheme: String,
+    /// Provider options: region, message_stream, helo, sandbox...
+    pub options: BTreeMap<String, String>,
+}
+
+/// A DSN refused by `parse`; the message never contains the DSN itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DsnError(pub String);
+
+impl fmt::Display for DsnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DsnError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, DsnError> {
+    Err(DsnError(msg.into()))
+}
+
+/// Parses `10s`, `500ms`, `2min`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs <= 86_400.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Parses `50/s`, `1000/min`, `10000/h`.
+pub fn parse_rate(s: &str) -> Option<Rate> {
+    let (count, per) = s.split_once('/')?;
+    let count: u32 = count.trim().parse().ok().filter(|c| *c > 0)?;
+    let per = match per.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return None,
+    };
+    Some(Rate { count, per })
+}
+
+/// Characters escaped when a user part is shown again.
+const USERINFO: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b' ').add(b':').add(b'@').add(b'/').add(b'?').add(b'#').add(b'%').add(b'&');
+
+const COMMON: &[&str] = &["timeout", "max_connections", "rate", "from"];
+
+fn allowed(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Smtp => &["tls", "verify", "ca", "helo"],
+        Kind::SendGrid => &["scheme", "region", "sandbox"],
+        Kind::Postmark => &["scheme", "message_stream"],
+        Kind::Resend => &["scheme"],
+        Kind::Mailgun => &["scheme", "region"],
+        Kind::Ses => &["scheme", "region", "session_token", "configuration_set"],
+        Kind::File | Kind::Capture => &[],
+    }
+}
+
+fn decode(s: &str, what: &str) -> Result<String, DsnError> {
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .or_else(|_| err(format!("the {what} is not valid percent-encoded UTF-8")))
+}
+
+/// Parses and validates a DSN.
+pub fn parse(input: &str) -> Result<Dsn, DsnError> {
+    if input.trim().is_empty() {
+        return err("the DSN is empty");
+    }
+    if input.contains(['\r', '\n', '\0']) {
+        return err("the DSN contains a line break or NUL character");
+    }
+    let url = url::Url::parse(input.trim())
+        .or_else(|e| err(format!("the DSN is not a URL of the form scheme://[user:secret@]host[:port][?options] ({e})")))?;
+    let scheme = url.scheme().to_string();
+    let (kind, implicit_tls) = match scheme.as_str() {
+        "smtp" => (Kind::Smtp, false),
+        "smtps" => (Kind::Smtp, true),
+        "sendgrid+api" | "sendgrid" => (Kind::SendGrid, false),
+        "postmark+api" | "postmark" => (Kind::Postmark, false),
+        "resend+api" | "resend" => (Kind::Resend, false),
+        "mailgun+api" | "mailgun" => (Kind::Mailgun, false),
+        "ses+api" | "ses" => (Kind::Ses, false),
+        "file" => (Kind::File, false),
+        "capture" => (Kind::Capture, false),
+        other => {
+            return err(format!(
+                "unknown DSN scheme \"{other}\" (expected smtp, smtps, sendgrid+api, postmark+api, resend+api, mailgun+api, ses+api, file or capture)"
+            ))
+        }
+    };
+
+    let user = Some(url.username()).filter(|u| !u.is_empty()).map(|u| decode(u, "user part")).transpose()?;
+    let password = url.password().map(|p| decode(p, "secret part")).transpose()?;
+    let host = url.host_str().map(str::to_string).filter(|h| !h.is_empty());
+
+    let mut options = BTreeMap::new();
+    for (k, v) in url.query_pairs() {
+        let k = k.into_owned();
+        if !COMMON.contains(&k.as_str()) && !allowed(kind).contains(&k.as_str()) {
+            let mut known: Vec<&str> = COMMON.iter().chain(allowed(kind)).copied().collect();
+            known.sort();
+            return err(format!("unknown option \"{k}\" for a {} DSN (known: {})", kind.name(), known.join(", ")));
+        }
+        if options.insert(k.clone(), v.into_owned()).is_some() {
+            return err(format!("option \"{k}\" is given twice"));
+        }
+    }
+
+    let timeout = match options.remove("timeout") {
+        None => Duration::from_secs(30),
+        Some(t) => match parse_duration(&t).filter(|d| !d.is_zero()) {
+            Some(d) => d,
+            None => return err(format!("option timeout=\"{t}\" is not a duration such as 10s or 500ms")),
+        },
+    };
+    let max_connections = match options.remove("max_connections") {
+        None => 4,
+        Some(m) => match m.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return err(format!("option max_connections=\"{m}\" must be a whole number from 1 to 1000")),
+        },
+    };
+    let rate = match options.remove("rate") {
+        None => None,
+        Some(r) => match parse_rate(&r) {
+            Some(rate) => Some(rate),
+            None => return err(format!("option rate=\"{r}\" must look like 50/s, 1000/min or 10000/h")),
+        },
+    };
+    let from = options.remove("from");
+    if let Some(f) = &from {
+        crate::message::parse_mailbox("from", f).or_else(|e| err(format!("option from: {}", e.message)))?;
+    }
+
+    let mut dsn = Dsn {
+        kind,
+        scheme,
+        user,
+        password,
+        host,
+        port: url.port(),
+        path: None,
+        tls: if implicit_tls { Tls::Implicit } else { Tls::StartTls },
+        verify: true,
+        ca: None,
+        timeout,
+        max_connections,
+        rate,
+        from,
+        http_scheme: "https".into(),
+        options: BTreeMap::new(),
+    };
+
+    match kind {
+        Kind::Smtp => {
+            if dsn.host.is_none() || dsn.host.as_deref() == Some("default") {
+                return err("an SMTP DSN needs a host, as in smtp://user:secret@mail.example.org:587");
+            }
+            if let Some(t) = options.remove("tls") {
+                dsn.tls = match (t.as_str(), implicit_tls) {
+                    ("starttls", false) => Tls::StartTls,
+                    ("none", false) => Tls::None,
+                    ("implicit", _) => Tls::Implicit,
+                    (_, true) => return err("smtps:// always uses implicit TLS; drop the tls option"),
+                    _ => return err(format!("option tls=\"{t}\" must be starttls, implicit or none")),
+                };
+            }
+            if let Some(v) = options.remove("verify") {
+                dsn.verify = match v.as_str() {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => return err(format!("option verify=\"{v}\" must be true or false")),
+                };
+            }
+            if let Some(ca) = options.remove("ca") {
+                if !ca.starts_with('/') {
+                    return err(format!("option ca=\"{ca}\" must be an absolute path to a PEM file"));
+                }
+                dsn.ca = Some(ca);
+            }
+            if dsn.password.is_some() && dsn.user.is_none() {
+                return err("an SMTP DSN with a password needs a user name too");
+            }
+            if dsn.port.is_none() {
+                dsn.port = Some(if dsn.tls == Tls::Implicit { 465 } else { 25 });
+            }
+        }
+        Kind::SendGrid | Kind::Postmark | Kind::Resend => {
+            if dsn.user.is_none() {
+                return err(format!(
+                    "a {} DSN needs the API key before the @, as in {}://KEY@default",
+                    kind.name(),
+                    dsn.scheme
+                ));
+            }
+            if dsn.password.is_some() {
+                return err(format!("a {} DSN takes one key: KEY@default, not KEY:SECRET@default", kind.name()));
+            }
+            http_host(&mut dsn, &mut options)?;
+        }
+        Kind::Mailgun => {
+            if dsn.user.is_none() || dsn.password.as_deref().unwrap_or("").is_empty() {
+                return err("a mailgun DSN needs the API key and the sending domain, as in mailgun+api://KEY:DOMAIN@default");
+            }
+            if let Some(r) = options.get("region") {
+                if r != "us" && r != "eu" {
+                    return err(format!("option region=\"{r}\" must be us or eu"));
+                }
+            }
+            http_host(&mut dsn, &mut options)?;
+        }
+        Kind::Ses => {
+            if dsn.user.is_none() || dsn.password.as_deref().unwrap_or("").is_empty() {
+                return err("an ses DSN needs the access key id and the secret key, as in ses+api://ACCESS_KEY:SECRET_KEY@default?region=eu-west-1");
+            }
+            let region = options.entry("region".into()).or_insert_with(|| "us-east-1".into());
+            if region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                return err(format!("option region=\"{region}\" is not an AWS region name such as eu-west-1"));
+            }
+            http_host(&mut dsn, &mut options)?;
+        }
+        Kind::File => {
+            if dsn.user.is_some() || dsn.host.is_some() {
+                return err("a file DSN is file:///absolute/directory, with no user or host");
+            }
+            let path = decode(url.path(), "path")?;
+            if !path.starts_with('/') || path.len() < 2 {
+                return err("a file DSN needs an absolute directory, as in file:///var/lib/pg_email/out");
+            }
+            dsn.path = Some(path.trim_end_matches('/').to_string());
+        }
+        Kind::Capture => {
+            if dsn.user.is_some() || dsn.host.is_some() || !url.path().trim_matches('/').is_empty() {
+                return err("a capture DSN is just capture://");
+            }
+        }
+    }
+    dsn.options = options;
+    Ok(dsn)
+}
+
+fn http_host(dsn: &mut Dsn, options: &mut BTreeMap<String, String>) -> Result<(), DsnError> {
+    if dsn.host.is_none() {
+        return err(format!("a {} DSN needs a host: @default for the public endpoint, or host:port", dsn.kind.name()));
+    }
+    if dsn.host.as_deref() == Some("default") {
+        dsn.host = None;
+        if dsn.port.is_some() {
+            return err("@default takes no port");
+        }
+    }
+    if let Some(s) = options.remove("scheme") {
+        if s != "http" && s != "https" {
+            return err(format!("option scheme=\"{s}\" must be http or https"));
+        }
+        if s == "http" && dsn.host.is_none() {
+            return err("scheme=http is only allowed with an explicit host (local test servers)");
+        }
+        dsn.http_scheme = s;
+    }
+    if let Some(v) = options.get("sandbox") {
+        if v != "true" && v != "false" {
+            return err(format!("option sandbox=\"{v}\" must be true or false"));
+        }
+    }
+    Ok(())
+}
+
+impl Dsn {
+    /// The DSN as shown in `email.transports`: every secret replaced by `***`.
+    pub fn masked(&self) -> String {
+        let mut out = format!("{}://", self.scheme);
+        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, USERINFO).to_string();
+        match self.kind {
+            Kind::Smtp => {
+                if let Some(u) = &self.user {
+                    out.push_str(&enc(u));
+                    if self.password.is_some() {
+                        out.push_str(":***");
+                    }
+                    out.push('@');
+                }
+            }
+            Kind::SendGrid | Kind::Postmark | Kind::Resend => out.push_str("***@"),
+            Kind::Mailgun => {
+                out.push_str("***:");
+                out.push_str(&enc(self.password.as_deref().unwrap_or("")));
+                out.push('@');
+            }
+            Kind::Ses => {
+                out.push_str(&enc(self.user.as_deref().unwrap_or("")));
+                out.push_str(":***@");
+            }
+            Kind::File | Kind::Capture => {}
+        }
+        match self.kind {
+            Kind::File => out.push_str(self.path.as_deref().unwrap_or("")),
+            Kind::Capture => {}
+            Kind::Smtp => out.push_str(self.host.as_deref().unwrap_or("")),
+            _ => out.push_str(self.host.as_deref().unwrap_or("default")),
+        }
+        if let Some(p) = self.port {
+            out.push_str(&format!(":{p}"));
+        }
+        let mut q: Vec<String> = Vec::new();
+        if self.kind == Kind::Smtp {
+            match (self.tls, self.scheme.as_str()) {
+                (Tls::None, _) => q.push("tls=none".into()),
+                (Tls::Implicit, "smtp") => q.push("tls=implicit".into()),
+                _ => {}
+            }
+            if !self.verify {
+                q.push("verify=false".into());
+            }
+            if let Some(ca) = &self.ca {
+                q.push(format!("ca={ca}"));
+            }
+        }
+        if self.kind.is_http() && self.http_scheme != "https" {
+            q.push(format!("scheme={}", self.http_scheme));
+        }
+        for (k, v) in &self.options {
+            if k == "session_token" {
+                q.push(format!("{k}=***"));
+            } else {
+                q.push(format!("{k}={v}"));
+            }
+        }
+        if let Some(r) = &self.rate {
+            let unit = match r.per.as_secs() {
+                1 => "s",
+                60 => "min",
+                _ => "h",
+            };
+            q.push(format!("rate={}/{unit}", r.count));
+        }
+        if let Some(f) = &self.from {
+            q.push(format!("from={}", enc(f)));
+        }
+        if !q.is_empty() {
+            out.push('?');
+            out.push_str(&q.join("&"));
+        }
+        out
+    }
+
+    /// The secrets in this DSN, so callers can scrub them from any text they pass on.
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut s = Vec::new();
+        match self.kind {
+            Kind::Smtp | Kind::Ses => s.extend(self.password.as_deref()),
+            Kind::SendGrid | Kind::Postmark | Kind::Resend | Kind::Mailgun => s.extend(self.user.as_deref()),
+            Kind::File | Kind::Capture => {}
+        }
+        s.extend(self.options.get("session_token").map(String::as_str));
+        s.into_iter().filter(|x| x.len() >= 3).collect()
+    }
+}
+
+/// Replaces every secret of `dsn` in `text` by `***`.
+pub fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        out = out.replace(s, "***");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_form_parses() {
+        let smtp = parse("smtp://user:pa%3Ass@mail.example.org:587").unwrap();
+        assert_eq!((smtp.kind, smtp.tls, smtp.port), (Kind::Smtp, Tls::StartTls, Some(587)));
+        assert_eq!(smtp.password.as_deref(), Some("pa:ss"));
+        assert_eq!(parse("smtps://u:p@mail.example.org:465").unwrap().tls, Tls::Implicit);
+        assert_eq!(parse("smtp://localhost:2525?tls=none").unwrap().tls, Tls::None);
+        assert_eq!(parse("sendgrid+api://SG.key@default").unwrap().kind, Kind::SendGrid);
+        let pm = parse("postmark+api://TOKEN@default?message_stream=outbound").unwrap();
+        assert_eq!(pm.options.get("message_stream").map(String::as_str), Some("outbound"));
+        assert_eq!(parse("resend+api://re_123@default").unwrap().kind, Kind::Resend);
+        let mg = parse("mailgun+api://KEY:mg.example.org@default?region=eu").unwrap();
+        assert_eq!(mg.password.as_deref(), Some("mg.example.org"));
+        let ses = parse("ses+api://AKIA:SECRET%2Fx@default?region=eu-west-1").unwrap();
+        assert_eq!(ses.password.as_deref(), Some("SECRET/x"));
+        assert_eq!(parse("file:///var/tmp/out").unwrap().path.as_deref(), Some("/var/tmp/out"));
+        assert_eq!(parse("capture://").unwrap().kind, Kind::Capture);
+        let local = parse("resend+api://k@127.0.0.1:8025?scheme=http&timeout=5s&rate=50/s&max_connections=8").unwrap();
+        assert_eq!(local.host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(local.http_scheme, "http");
+        assert_eq!(local.timeout, Duration::from_secs(5));
+        assert_eq!(local.rate, Some(Rate { count: 50, per: Duration::from_secs(1) }));
+        assert_eq!(local.max_connections, 8);
+    }
+
+    #[test]
+    fn bad_dsns_say_what_is_wrong_without_the_secret() {
+        let cases = [
+            ("", "empty"),
+            ("nonsense", "not a URL"),
+            ("gopher://h", "unknown DSN scheme"),
+            ("smtp://u:topsecret@:25", "not a URL"),
+            ("smtp://u:topsecret@h:25?tls=maybe", "tls"),
+            ("smtp://u:topsecret@h:25?bogus=1", "unknown option \"bogus\""),
+            ("smtp://u:topsecret@h:25?timeout=forever", "timeout"),
+            ("smtp://u:topsecret@h:25?rate=lots", "rate"),
+            ("smtp://u:topsecret@h:25?max_connections=0", "max_connections"),
+            ("sendgrid+api://@default", "API key"),
+            ("sendgrid+api://topsecret:x@default", "one key"),
+            ("mailgun+api://topsecret@default", "sending domain"),
+            ("ses+api://AKIA@default", "secret key"),
+            ("ses+api://AKIA:topsecret@default?region=Mars%20One", "region"),
+            ("postmark+api://topsecret@default?scheme=http", "explicit host"),
+            ("file://relative", "absolute"),
+            ("capture://x", "capture://"),
+            ("smtps://u:topsecret@h?tls=none", "implicit"),
+        ];
+        for (dsn, want) in cases {
+            let e = parse(dsn).expect_err(dsn).0;
+            assert!(e.contains(want), "{dsn}: {e}");
+            assert!(!e.contains("topsecret"), "{dsn}: {e}");
+        }
+    }
+
+    #[test]
+    fn masking_hides_every_secret() {
+        let cases = [
+            ("smtp://user:topsecret@mail.example.org:587", "smtp://user:***@mail.example.org:587"),
+            ("sendgrid+api://topsecret@default", "sendgrid+api://***@default"),
+            ("mailgun+api://topsecret:mg.example.org@default?region=eu", "mailgun+api://***:mg.example.org@default?region=eu"),
+            ("ses+api://AKIA:topsecret@default?region=eu-west-1", "ses+api://AKIA:***@default?region=eu-west-1"),
+            ("file:///tmp/x", "file:///tmp/x"),
+            ("capture://", "capture://"),
+        ];
+        for (dsn, want) in cases {
+            let d = parse(dsn).unwrap();
+            assert_eq!(d.masked(), want);
+            assert!(!d.masked().contains("topsecret"));
+        }
+        let d = parse("smtp://u:topsecret@h:25").unwrap();
+        assert_eq!(scrub("auth failed for topsecret", &d.secrets()), "auth failed for ***");
+    }
+
+    #[test]
+    fn durations_and_rates() {
+        assert_eq!(parse_duration("200ms"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_duration("2min"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_rate("1000/min").map(|r| r.count), Some(1000));
+        assert_eq!(parse_rate("0/s"), None);
+    }
+}

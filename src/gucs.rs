@@ -1,0 +1,161 @@
+//! Every `pg_email.*` setting: the statics Postgres writes into, one `init()` called from
+//! `_PG_init` (in the postmaster, so workers and backends inherit the definitions), and typed
+//! accessors. Accessors read plain values and must be called on a Postgres thread (the worker's
+//! main thread or a backend); futures get copies, never the statics.
+
+use std::ffi::{CStr, CString};
+use std::time::Duration;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// The one database the worker serves.
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// How many worker processes drain the queue (they share it through SKIP LOCKED).
+static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// Sender used when neither the call nor the transport names one.
+static DEFAULT_SENDER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Sends each worker keeps in flight at once.
+static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(64);
+/// Rows claimed (and completions written) per short transaction.
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
+/// Longest the worker sleeps without a commit wake-up, in ms.
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Attempts before a transiently failing message is marked `failed`.
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// First retry delay in ms; doubles on every attempt.
+static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+/// Longest retry delay in ms.
+static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+/// How long a claimed row stays `sending` before another worker may take it, in ms.
+static LEASE_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+/// Stop claiming new mail (in-flight sends finish).
+static PAUSED: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Finished messages older than this are purged by the worker, in seconds; 0 keeps them.
+static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Largest message accepted at enqueue (body, html and attachments), in kB.
+static MAX_MESSAGE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(25 * 1024);
+/// Most recipients (to + cc + bcc) one message may have.
+static MAX_RECIPIENTS: GucSetting<i32> = GucSetting::<i32>::new(50);
+/// Template engine fuel: the most instructions one render may execute.
+static TEMPLATE_FUEL: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+
+/// Registers every setting and reserves the `pg_email.` prefix.
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pg_email.database",
+        c"Database the pg_email worker serves.",
+        c"The worker connects to this one database and drains its email.messages.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_email.workers",
+        c"Number of pg_email worker processes.",
+        c"Workers share the queue through SKIP LOCKED; 0 disables delivery.",
+        &WORKERS,
+        0,
+        32,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.default_sender",
+        c"Sender used when neither email.send nor the transport names one.",
+        c"",
+        &DEFAULT_SENDER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    int(c"pg_email.max_in_flight", c"Sends each worker keeps in flight.", &MAX_IN_FLIGHT, 1, 10_000, GucFlags::default());
+    int(c"pg_email.batch_size", c"Rows claimed or completed per transaction.", &BATCH_SIZE, 1, 10_000, GucFlags::default());
+    int(c"pg_email.poll_interval", c"Longest sleep between queue checks.", &POLL_INTERVAL_MS, 10, i32::MAX, GucFlags::UNIT_MS);
+    int(c"pg_email.max_attempts", c"Attempts before a message fails for good.", &MAX_ATTEMPTS, 1, 1000, GucFlags::default());
+    int(c"pg_email.retry_base", c"First retry delay; doubles per attempt.", &RETRY_BASE_MS, 1, i32::MAX, GucFlags::UNIT_MS);
+    int(c"pg_email.retry_max", c"Longest retry delay.", &RETRY_MAX_MS, 1, i32::MAX, GucFlags::UNIT_MS);
+    int(c"pg_email.lease", c"How long a claimed message stays reserved for its worker.", &LEASE_MS, 1000, i32::MAX, GucFlags::UNIT_MS);
+    GucRegistry::define_bool_guc(
+        c"pg_email.paused",
+        c"Stop claiming new mail.",
+        c"Sends already in flight finish; queued mail waits.",
+        &PAUSED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(c"pg_email.retention", c"Age after which finished messages are purged; 0 keeps them.", &RETENTION_S, 0, i32::MAX, GucFlags::UNIT_S);
+    suset_int(c"pg_email.max_message_size", c"Largest message accepted at enqueue.", &MAX_MESSAGE_SIZE_KB, 1, i32::MAX, GucFlags::UNIT_KB);
+    suset_int(c"pg_email.max_recipients", c"Most recipients (to, cc and bcc) per message.", &MAX_RECIPIENTS, 1, 100_000, GucFlags::default());
+    suset_int(c"pg_email.template_fuel", c"Most template instructions one render may run.", &TEMPLATE_FUEL, 1000, i32::MAX, GucFlags::default());
+
+    unsafe {
+        #[cfg(not(feature = "pg13"))]
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_email".as_ptr());
+        #[cfg(feature = "pg13")]
+        pgrx::pg_sys::EmitWarningsOnPlaceholders(c"pg_email".as_ptr());
+    }
+}
+
+fn int(name: &'static CStr, short: &'static CStr, s: &'static GucSetting<i32>, min: i32, max: i32, flags: GucFlags) {
+    GucRegistry::define_int_guc(name, short, c"", s, min, max, GucContext::Sighup, flags);
+}
+
+fn suset_int(name: &'static CStr, short: &'static CStr, s: &'static GucSetting<i32>, min: i32, max: i32, flags: GucFlags) {
+    GucRegistry::define_int_guc(name, short, c"", s, min, max, GucContext::Suset, flags);
+}
+
+fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get().and_then(|c| c.into_string().ok()).filter(|v| !v.trim().is_empty())
+}
+
+fn ms(v: i32) -> Duration {
+    Duration::from_millis(v.max(0) as u64)
+}
+
+pub fn database() -> String {
+    string(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+pub fn workers() -> i32 {
+    WORKERS.get()
+}
+pub fn default_sender() -> Option<String> {
+    string(&DEFAULT_SENDER)
+}
+pub fn max_in_flight() -> usize {
+    MAX_IN_FLIGHT.get().max(1) as usize
+}
+pub fn batch_size() -> usize {
+    BATCH_SIZE.get().max(1) as usize
+}
+pub fn poll_interval() -> Duration {
+    ms(POLL_INTERVAL_MS.get())
+}
+pub fn max_attempts() -> i32 {
+    MAX_ATTEMPTS.get()
+}
+pub fn retry_base() -> Duration {
+    ms(RETRY_BASE_MS.get())
+}
+pub fn retry_max() -> Duration {
+    ms(RETRY_MAX_MS.get())
+}
+pub fn lease() -> Duration {
+    ms(LEASE_MS.get())
+}
+pub fn paused() -> bool {
+    PAUSED.get()
+}
+/// `None` when retention is off.
+pub fn retention() -> Option<Duration> {
+    let s = RETENTION_S.get();
+    (s > 0).then(|| Duration::from_secs(s as u64))
+}
+/// In bytes.
+pub fn max_message_size() -> usize {
+    MAX_MESSAGE_SIZE_KB.get().max(0) as usize * 1024
+}
+pub fn max_recipients() -> usize {
+    MAX_RECIPIENTS.get().max(1) as usize
+}
+pub fn template_fuel() -> u64 {
+    TEMPLATE_FUEL.get().max(0) as u64
+}

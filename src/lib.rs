@@ -1,0 +1,54 @@
+//! pg_email: PostgreSQL as an email platform.
+//!
+//! `_PG_init` runs in the postmaster (the library must be in `shared_preload_libraries`): it
+//! defines the settings, reserves shared memory for the commit-time wake-up and registers the
+//! delivery workers. The SQL API (`api/`) runs in ordinary backends; the worker (`worker/`) runs
+//! in its own background processes. `deliver/`, `message.rs` and `render.rs` hold no pgrx and
+//! are plain Rust with plain unit tests.
+
+#![deny(ffi_unwind_calls)]
+
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod deliver;
+pub mod gucs;
+pub mod message;
+pub mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[allow(non_snake_case)]
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_email must be loaded at server start through shared_preload_libraries",
+            "Add pg_email to shared_preload_libraries in postgresql.conf (for example \
+             shared_preload_libraries = 'pg_email'), set pg_email.database to the database \
+             that holds the extension, restart PostgreSQL, then run CREATE EXTENSION pg_email."
+        );
+    }
+    gucs::init();
+    api::init();
+    worker::init();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_email'",
+            "pg_email.database = 'pgrx_tests'",
+            "pg_email.max_recipients = 50",
+        ]
+    }
+}

@@ -1,0 +1,417 @@
+//! Message input rules, with no pgrx: address lists, header safety, custom headers, attachments
+//! and Message-IDs. `email.send` calls these in the caller's backend before anything is stored;
+//! the worker re-reads stored values with the same parsers when it builds the MIME message, so
+//! what was accepted at enqueue is exactly what goes on the wire.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine;
+use lettre::message::Mailbox;
+use lettre::Address;
+use serde_json::Value;
+
+/// A value refused at the edge. `field` names the argument (or the JSON member) at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError { field: field.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// Quotes a user value for an error message, cut to a readable length.
+pub fn show(value: &str) -> String {
+    const MAX: usize = 120;
+    let mut out = String::from("\"");
+    for (i, c) in value.chars().enumerate() {
+        if i == MAX {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            '\0' => out.push_str("\\0"),
+            '"' => out.push_str("\\\""),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Refuses CR, LF and NUL: anything that ends up in a header must stay on one line.
+pub fn check_single_line(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.contains(['\r', '\n', '\0']) {
+        return Err(FieldError::new(
+            field,
+            format!("{} contains a line break or NUL character (header injection is refused)", show(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits an address list on the commas that are not inside quotes, comments or angle brackets.
+fn split_list(input: &str) -> Result<Vec<&str>, String> {
+    let mut parts = Vec::new();
+    let (mut quoted, mut escaped, mut angle, mut comment) = (false, false, 0i32, 0i32);
+    let mut start = 0;
+    for (i, c) in input.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if quoted || comment > 0 => escaped = true,
+            '"' if comment == 0 => quoted = !quoted,
+            '(' if !quoted => comment += 1,
+            ')' if !quoted && comment > 0 => comment -= 1,
+            '<' if !quoted && comment == 0 => angle += 1,
+            '>' if !quoted && comment == 0 => angle -= 1,
+            ',' if !quoted && comment == 0 && angle == 0 => {
+                parts.push(&input[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        if angle < 0 || angle > 1 {
+            return Err("unbalanced angle brackets".into());
+        }
+    }
+    if quoted || escaped {
+        return Err("unterminated quoted string".into());
+    }
+    if angle != 0 {
+        return Err("unbalanced angle brackets".into());
+    }
+    if comment != 0 {
+        return Err("unterminated comment".into());
+    }
+    parts.push(&input[start..]);
+    Ok(parts)
+}
+
+/// Unquotes an RFC 5322 quoted-string, or checks a bare phrase; returns the display name.
+fn display_name(phrase: &str) -> Result<Option<String>, String> {
+    let phrase = phrase.trim();
+    if phrase.is_empty() {
+        return Ok(None);
+    }
+    if let Some(inner) = phrase.strip_prefix('"') {
+        let inner = inner.strip_suffix('"').ok_or("text after the quoted display name")?;
+        let mut out = String::new();
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.push(chars.next().ok_or("unterminated escape in display name")?),
+                '"' => return Err("stray quote in display name".into()),
+                c => out.push(c),
+            }
+        }
+        return Ok(Some(out));
+    }
+    if let Some(bad) = phrase.chars().find(|c| "\"<>[]:;@\\,".contains(*c)) {
+        return Err(format!("character '{bad}' in an unquoted display name (quote the name)"));
+    }
+    Ok(Some(phrase.split_whitespace().collect::<Vec<_>>().join(" ")))
+}
+
+/// Parses one mailbox: `a@x.org`, `Name <a@x.org>`, `"Doe, Jane" <j@x.org>`, IDN domains and
+/// quoted local parts included.
+fn parse_one(piece: &str) -> Result<Mailbox, String> {
+    let piece = piece.trim();
+    if piece.is_empty() {
+        return Err("empty address".into());
+    }
+    let (name, addr) = match piece.find('<').filter(|_| piece.ends_with('>')) {
+        Some(open) if !in_quotes(piece, open) => {
+            (display_name(&piece[..open])?, piece[open + 1..piece.len() - 1].trim())
+        }
+        _ => (None, piece),
+    };
+    if addr.is_empty() {
+        return Err("empty address in angle brackets".into());
+    }
+    if addr.chars().any(char::is_whitespace) && !addr.starts_with('"') {
+        return Err("white space inside an address".into());
+    }
+    if addr.starts_with('"') && !addr.contains("\"@") {
+        return Err("malformed quoted local part".into());
+    }
+    let address = Address::from_str(addr).map_err(|e| format!("{e}"))?;
+    Ok(Mailbox::new(name, address))
+}
+
+fn in_quotes(s: &str, at: usize) -> bool {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        if i >= at {
+            break;
+        }
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            quoted = !quoted;
+        }
+    }
+    quoted
+}
+
+/// Parses an RFC 5322 address list; an empty list is refused.
+pub fn parse_mailboxes(field: &str, input: &str) -> Result<Vec<Mailbox>, FieldError> {
+    check_single_line(field, input)?;
+    if input.trim().is_empty() {
+        return Err(FieldError::new(field, "the address list is empty"));
+    }
+    let pieces = split_list(input).map_err(|m| FieldError::new(field, format!("{m} in {}", show(input))))?;
+    let mut out = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let mb = parse_one(piece)
+            .map_err(|m| FieldError::new(field, format!("{} is not a valid address: {m}", show(piece.trim()))))?;
+        out.push(mb);
+    }
+    Ok(out)
+}
+
+/// Parses exactly one mailbox (the sender).
+pub fn parse_mailbox(field: &str, input: &str) -> Result<Mailbox, FieldError> {
+    let mut list = parse_mailboxes(field, input)?;
+    if list.len() != 1 {
+        return Err(FieldError::new(field, format!("{} must be exactly one address", show(input))));
+    }
+    Ok(list.remove(0))
+}
+
+/// The canonical text stored for a mailbox: `"Doe, Jane" <j@x.org>` or `a@x.org`.
+pub fn mailbox_text(mb: &Mailbox) -> String {
+    mb.to_string()
+}
+
+/// The lower-cased bare address, as stored in `email.suppressions`.
+pub fn bare_address(mb: &Mailbox) -> String {
+    mb.email.to_string().to_lowercase()
+}
+
+/// Headers a caller may not set: they are built from the message's own fields.
+const STRUCTURAL: &[&str] = &[
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "reply-to", "sender",
+    "return-path", "dkim-signature",
+];
+
+/// Checks an RFC 5322 field name: printable ASCII, no colon, not structural.
+pub fn check_header_name(name: &str) -> Result<(), FieldError> {
+    let field = "headers";
+    if name.is_empty() || name.len() > 76 {
+        return Err(FieldError::new(field, format!("header name {} must be 1 to 76 characters", show(name))));
+    }
+    if !name.bytes().all(|b| (33..=126).contains(&b) && b != b':') {
+        return Err(FieldError::new(
+            field,
+            format!("header name {} may hold only printable ASCII without ':' or spaces", show(name)),
+        ));
+    }
+    let lower = name.to_ascii_lowercase();
+    if STRUCTURAL.contains(&lower.as_str()) || lower.starts_with("content-") {
+        return Err(FieldError::new(
+            field,
+            format!("header {} is set by pg_email itself and cannot be given in headers", show(name)),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates the `headers` argument: a JSON object of string values.
+pub fn parse_headers(value: &Value) -> Result<Vec<(String, String)>, FieldError> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| FieldError::new("headers", "must be a JSON object such as {\"X-Campaign\": \"spring\"}"))?;
+    let mut out = Vec::with_capacity(obj.len());
+    for (name, v) in obj {
+        check_header_name(name)?;
+        let text = v.as_str().ok_or_else(|| {
+            FieldError::new("headers", format!("the value of header {} must be a JSON string", show(name)))
+        })?;
+        check_single_line(&format!("headers.{name}"), text)?;
+        if text.len() > 998 {
+            return Err(FieldError::new(format!("headers.{name}"), "value is longer than 998 bytes"));
+        }
+        out.push((name.clone(), text.to_string()));
+    }
+    Ok(out)
+}
+
+/// One decoded attachment, as stored in `email.attachments`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content_id: Option<String>,
+    pub content: Vec<u8>,
+}
+
+/// Validates the `attachments` argument: a JSON array of
+/// `{"filename","content_type"?,"content" (base64),"content_id"?}`.
+pub fn parse_attachments(value: &Value) -> Result<Vec<Attachment>, FieldError> {
+    let items = value.as_array().ok_or_else(|| {
+        FieldError::new("attachments", "must be a JSON array of {\"filename\", \"content_type\", \"content\"} objects")
+    })?;
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = |k: &str| format!("attachments[{i}].{k}");
+        let obj = item
+            .as_object()
+            .ok_or_else(|| FieldError::new(format!("attachments[{i}]"), "must be a JSON object"))?;
+        for key in obj.keys() {
+            if !["filename", "content_type", "content", "content_id"].contains(&key.as_str()) {
+                return Err(FieldError::new(format!("attachments[{i}]"), format!("unknown member {}", show(key))));
+            }
+        }
+        let text = |k: &str| -> Result<Option<&str>, FieldError> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.as_str())),
+                Some(_) => Err(FieldError::new(at(k), "must be a JSON string")),
+            }
+        };
+        let filename = text("filename")?
+            .filter(|f| !f.trim().is_empty())
+            .ok_or_else(|| FieldError::new(at("filename"), "is required"))?;
+        check_single_line(&at("filename"), filename)?;
+        if filename.contains(['/', '\\']) {
+            return Err(FieldError::new(at("filename"), format!("{} must not contain a path separator", show(filename))));
+        }
+        let content_type = text("content_type")?.unwrap_or("application/octet-stream");
+        check_single_line(&at("content_type"), content_type)?;
+        let parsed: mime::Mime = content_type
+            .parse()
+            .map_err(|_| FieldError::new(at("content_type"), format!("{} is not a valid MIME type", show(content_type))))?;
+        if parsed.type_() == mime::MULTIPART {
+            return Err(FieldError::new(at("content_type"), "multipart types cannot be attached"));
+        }
+        let content_id = match text("content_id")? {
+            None => None,
+            Some(cid) => {
+                let cid = cid.trim().trim_start_matches('<').trim_end_matches('>');
+                if cid.is_empty() || !cid.bytes().all(|b| (33..=126).contains(&b) && !b"<>\"()[],;:\\".contains(&b)) {
+                    return Err(FieldError::new(at("content_id"), format!("{} is not a valid content id", show(cid))));
+                }
+                Some(cid.to_string())
+            }
+        };
+        let encoded = text("content")?.ok_or_else(|| FieldError::new(at("content"), "is required (base64)"))?;
+        let compact: String = encoded.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(compact.as_bytes())
+            .map_err(|e| FieldError::new(at("content"), format!("is not valid base64: {e}")))?;
+        out.push(Attachment { filename: filename.to_string(), content_type: parsed.to_string(), content_id, content });
+    }
+    Ok(out)
+}
+
+/// A new RFC 5322 Message-ID in the sender's domain: `<uuid@domain>`.
+pub fn new_message_id(sender: &Mailbox) -> String {
+    format!("<{}@{}>", uuid::Uuid::new_v4().simple(), sender.email.domain())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn list(s: &str) -> Result<Vec<String>, FieldError> {
+        parse_mailboxes("recipients", s).map(|v| v.iter().map(mailbox_text).collect())
+    }
+
+    #[test]
+    fn address_lists_that_are_valid() {
+        assert_eq!(list("a@x.org").unwrap(), vec!["a@x.org"]);
+        assert_eq!(list("a@x.org, Bo <b@y.org>").unwrap(), vec!["a@x.org", "Bo <b@y.org>"]);
+        assert_eq!(list("\"Doe, Jane\" <j@x.org>").unwrap(), vec!["\"Doe, Jane\" <j@x.org>"]);
+        assert_eq!(list("Jörg Müller <jörg@bücher.de>").unwrap().len(), 1);
+        assert_eq!(list("\"john doe\"@x.org").unwrap(), vec!["\"john doe\"@x.org"]);
+        assert_eq!(list("user@münchen.de").unwrap(), vec!["user@münchen.de"]);
+        assert_eq!(list(" a@x.org ,b@y.org ").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn address_lists_that_are_refused() {
+        for bad in [
+            "", "   ", "a", "a@", "@x.org", "a@x.org,", "a@x.org,,b@y.org", "a@x.org b@y.org",
+            "Bo <b@y.org", "<>", "a@x.org\r\nBcc: evil@z.org", "\"unterminated <a@x.org>",
+            "Bo <b@y.org> trailing", "a@@x.org", "a@-x.org",
+        ] {
+            let err = list(bad).expect_err(bad);
+            assert_eq!(err.field, "recipients", "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_names_the_offending_address() {
+        let err = list("a@x.org, not-an-address").unwrap_err();
+        assert!(err.message.contains("not-an-address"), "{}", err.message);
+    }
+
+    #[test]
+    fn header_rules() {
+        assert!(parse_headers(&json!({"X-Campaign": "spring"})).is_ok());
+        for name in ["From", "subject", "Content-Type", "content-transfer-encoding", "Message-ID", "MIME-Version", "Bcc"] {
+            assert!(parse_headers(&json!({ name: "x" })).is_err(), "{name}");
+        }
+        assert!(parse_headers(&json!({"X Bad": "x"})).is_err());
+        assert!(parse_headers(&json!({"X-Bad:": "x"})).is_err());
+        assert!(parse_headers(&json!({"X-A": "x\r\nBcc: y@z.org"})).is_err());
+        assert!(parse_headers(&json!({"X-A": 1})).is_err());
+        assert!(parse_headers(&json!(["X-A"])).is_err());
+    }
+
+    #[test]
+    fn attachment_rules() {
+        let ok = parse_attachments(&json!([{"filename": "a.txt", "content_type": "text/plain", "content": "aGVsbG8="}])).unwrap();
+        assert_eq!(ok[0].content, b"hello");
+        assert_eq!(ok[0].content_type, "text/plain");
+        let inline = parse_attachments(&json!([{"filename": "l.png", "content_type": "image/png", "content": "", "content_id": "<logo>"}])).unwrap();
+        assert_eq!(inline[0].content_id.as_deref(), Some("logo"));
+        let cases = [
+            (json!({}), "attachments"),
+            (json!([{"content": "aGk="}]), "attachments[0].filename"),
+            (json!([{"filename": "a", "content": "!!"}]), "attachments[0].content"),
+            (json!([{"filename": "a", "content_type": "not a type", "content": ""}]), "attachments[0].content_type"),
+            (json!([{"filename": "a\r\n", "content": ""}]), "attachments[0].filename"),
+            (json!([{"filename": "a"}]), "attachments[0].content"),
+            (json!([{"filename": "a", "content": "", "extra": 1}]), "attachments[0]"),
+        ];
+        for (v, field) in cases {
+            assert_eq!(parse_attachments(&v).unwrap_err().field, field, "{v}");
+        }
+    }
+
+    #[test]
+    fn message_ids_are_unique_and_in_the_sender_domain() {
+        let s: Mailbox = "a@x.org".parse().unwrap();
+        let (a, b) = (new_message_id(&s), new_message_id(&s));
+        assert_ne!(a, b);
+        assert!(a.starts_with('<') && a.ends_with("@x.org>"));
+    }
+
+    #[test]
+    fn show_escapes_controls() {
+        assert_eq!(show("a\r\nb"), "\"a\\r\\nb\"");
+    }
+}
