@@ -12,6 +12,7 @@ use crate::message::FieldError;
 pub mod admin;
 pub mod send;
 pub mod transports;
+mod tests;
 
 /// Called from `_PG_init`.
 pub fn init() {
