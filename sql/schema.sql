@@ -53,6 +53,8 @@ CREATE TABLE email.messages (
     next_attempt_at     timestamptz NOT NULL DEFAULT now(),
     lease_until         timestamptz,
     claimed_by          integer,
+    pending_recipients  text[],
+    attachment_count    integer NOT NULL DEFAULT 0,
     last_error          text,
     created_at          timestamptz NOT NULL DEFAULT now(),
     created_by          text NOT NULL DEFAULT current_user,
@@ -61,6 +63,8 @@ CREATE TABLE email.messages (
 );
 -- The worker's claim: due queued rows, best priority first. Partial, so it holds only the queue.
 CREATE INDEX messages_due ON email.messages (priority DESC, next_attempt_at) WHERE status = 'queued';
+-- The next due time, for the worker's sleep.
+CREATE INDEX messages_next ON email.messages (next_attempt_at) WHERE status = 'queued';
 -- Expired leases (a crashed worker) are found through this one.
 CREATE INDEX messages_leased ON email.messages (lease_until) WHERE status = 'sending';
 CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (idempotency_key) WHERE idempotency_key IS NOT NULL;

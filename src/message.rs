@@ -330,6 +330,151 @@ pub fn new_message_id(sender: &Mailbox) -> String {
     format!("<{}@{}>", uuid::Uuid::new_v4().simple(), sender.email.domain())
 }
 
+/// A stored message, as the worker reads it back (templates already rendered).
+#[derive(Debug, Clone, Default)]
+pub struct Stored {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub cc: Vec<String>,
+    pub bcc: Vec<String>,
+    pub reply_to: Option<String>,
+    pub subject: String,
+    pub body: Option<String>,
+    pub html: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub attachments: Vec<Attachment>,
+    pub message_id: String,
+}
+
+/// What goes on the wire: the envelope and the RFC 5322 bytes.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub from: Address,
+    /// Every recipient (to, cc, bcc), deduplicated, IDN domains in ASCII form.
+    pub to: Vec<Address>,
+    pub raw: Vec<u8>,
+}
+
+/// Converts an IDN domain to its ASCII (punycode) form, so that envelopes and headers stay ASCII.
+pub fn ascii_address(addr: &Address) -> Address {
+    match idna::domain_to_ascii(addr.domain()) {
+        Ok(d) if d != addr.domain() => Address::new(addr.user(), d).unwrap_or_else(|_| addr.clone()),
+        _ => addr.clone(),
+    }
+}
+
+fn ascii_mailbox(mb: Mailbox) -> Mailbox {
+    Mailbox::new(mb.name, ascii_address(&mb.email))
+}
+
+fn stored_list(field: &str, list: &[String]) -> Result<Vec<Mailbox>, FieldError> {
+    let mut out = Vec::with_capacity(list.len());
+    for s in list {
+        out.push(ascii_mailbox(parse_mailbox(field, s)?));
+    }
+    Ok(out)
+}
+
+/// Builds the MIME message: multipart/alternative (text first) when both parts exist, inline
+/// parts in multipart/related next to the HTML, attachments in multipart/mixed.
+pub fn build(m: &Stored) -> Result<Built, FieldError> {
+    use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+    use lettre::message::{Attachment as LAttachment, MultiPart, SinglePart};
+
+    let from = ascii_mailbox(parse_mailbox("sender", &m.sender)?);
+    let to = stored_list("recipients", &m.recipients)?;
+    let cc = stored_list("cc", &m.cc)?;
+    let bcc = stored_list("bcc", &m.bcc)?;
+    check_single_line("subject", &m.subject)?;
+
+    let mut b = lettre::Message::builder()
+        .from(from.clone())
+        .subject(m.subject.clone())
+        .message_id(Some(m.message_id.clone()))
+        .date_now();
+    for mb in &to {
+        b = b.to(mb.clone());
+    }
+    for mb in &cc {
+        b = b.cc(mb.clone());
+    }
+    for mb in &bcc {
+        b = b.bcc(mb.clone());
+    }
+    if let Some(r) = &m.reply_to {
+        for mb in parse_mailboxes("reply_to", r)? {
+            b = b.reply_to(ascii_mailbox(mb));
+        }
+    }
+    for (name, value) in &m.headers {
+        check_header_name(name)?;
+        check_single_line(&format!("headers.{name}"), value)?;
+        let hn = HeaderName::new_from_ascii(name.clone())
+            .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?;
+        b = b.raw_header(HeaderValue::new(hn, value.clone()));
+    }
+
+    let ctype = |a: &Attachment| {
+        ContentType::parse(&a.content_type).map_err(|_| {
+            FieldError::new("attachments", format!("{} is not a valid MIME type", show(&a.content_type)))
+        })
+    };
+    let (inline, regular): (Vec<&Attachment>, Vec<&Attachment>) =
+        m.attachments.iter().partition(|a| a.content_id.is_some() && m.html.is_some());
+
+    let html_part = match &m.html {
+        None => None,
+        Some(h) if inline.is_empty() => Some(MultiPart::alternative().singlepart(SinglePart::html(h.clone()))),
+        Some(h) => {
+            let mut rel = MultiPart::related().singlepart(SinglePart::html(h.clone()));
+            for a in &inline {
+                let cid = a.content_id.clone().unwrap_or_default();
+                rel = rel.singlepart(LAttachment::new_inline_with_name(cid, a.filename.clone()).body(a.content.clone(), ctype(a)?));
+            }
+            Some(rel)
+        }
+    };
+    // The readable body: one part, or alternative(text, html-or-related).
+    enum Body {
+        Single(SinglePart),
+        Multi(MultiPart),
+    }
+    let body = match (&m.body, html_part, inline.is_empty()) {
+        (Some(t), None, _) => Body::Single(SinglePart::plain(t.clone())),
+        (None, Some(_), true) => Body::Single(SinglePart::html(m.html.clone().unwrap_or_default())),
+        (None, Some(rel), false) => Body::Multi(rel),
+        (Some(t), Some(_), true) => {
+            Body::Multi(MultiPart::alternative_plain_html(t.clone(), m.html.clone().unwrap_or_default()))
+        }
+        (Some(t), Some(rel), false) => Body::Multi(MultiPart::alternative().singlepart(SinglePart::plain(t.clone())).multipart(rel)),
+        (None, None, _) => return Err(FieldError::new("body", "the message has neither a text nor an HTML part")),
+    };
+    let message = if regular.is_empty() {
+        match body {
+            Body::Single(p) => b.singlepart(p),
+            Body::Multi(mp) => b.multipart(mp),
+        }
+    } else {
+        let mut mixed = match body {
+            Body::Single(p) => MultiPart::mixed().singlepart(p),
+            Body::Multi(mp) => MultiPart::mixed().multipart(mp),
+        };
+        for a in &regular {
+            mixed = mixed.singlepart(LAttachment::new(a.filename.clone()).body(a.content.clone(), ctype(a)?));
+        }
+        b.multipart(mixed)
+    }
+    .map_err(|e| FieldError::new("message", format!("cannot be built: {e}")))?;
+
+    let mut rcpts: Vec<Address> = Vec::new();
+    for mb in to.iter().chain(&cc).chain(&bcc) {
+        if !rcpts.iter().any(|a| a.to_string().eq_ignore_ascii_case(&mb.email.to_string())) {
+            rcpts.push(mb.email.clone());
+        }
+    }
+    Ok(Built { from: from.email, to: rcpts, raw: message.formatted() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +553,55 @@ mod tests {
         let (a, b) = (new_message_id(&s), new_message_id(&s));
         assert_ne!(a, b);
         assert!(a.starts_with('<') && a.ends_with("@x.org>"));
+    }
+
+    fn stored() -> Stored {
+        Stored {
+            sender: "Zoë <z@x.org>".into(),
+            recipients: vec!["\"Doe, Jane\" <j@x.org>".into(), "k@bücher.de".into()],
+            cc: vec!["c@x.org".into()],
+            bcc: vec!["hidden@x.org".into()],
+            reply_to: Some("r@x.org".into()),
+            subject: "Grüße ✓".into(),
+            body: Some("plain text".into()),
+            html: Some("<p>html <img src=\"cid:logo\"></p>".into()),
+            headers: vec![("X-Campaign".into(), "spring".into())],
+            attachments: vec![
+                Attachment { filename: "a.txt".into(), content_type: "text/plain".into(), content_id: None, content: b"hello".to_vec() },
+                Attachment { filename: "l.png".into(), content_type: "image/png".into(), content_id: Some("logo".into()), content: vec![137, 80, 78, 71] },
+            ],
+            message_id: "<abc@x.org>".into(),
+        }
+    }
+
+    #[test]
+    fn built_message_has_every_part_and_header() {
+        let b = build(&stored()).unwrap();
+        let raw = String::from_utf8(b.raw.clone()).unwrap();
+        assert!(raw.contains("Message-ID: <abc@x.org>\r\n"), "{raw}");
+        assert!(raw.contains("X-Campaign: spring\r\n"));
+        assert!(raw.contains("Subject: =?utf-8?"), "non-ASCII subject is encoded: {raw}");
+        assert!(raw.contains("multipart/mixed") && raw.contains("multipart/alternative") && raw.contains("multipart/related"));
+        assert!(raw.contains("Content-ID: <logo>"));
+        assert!(raw.contains("filename=\"a.txt\""));
+        assert!(!raw.contains("hidden@x.org"), "Bcc is not in the headers");
+        assert!(raw.contains("xn--bcher-kva.de"), "IDN domain in ASCII form");
+        assert!(raw.lines().all(|l| l.len() <= 998));
+        let text_at = raw.find("text/plain; charset=utf-8").unwrap();
+        let html_at = raw.find("text/html").unwrap();
+        assert!(text_at < html_at, "text part first");
+        let to: Vec<String> = b.to.iter().map(|a| a.to_string()).collect();
+        assert_eq!(to, vec!["j@x.org", "k@xn--bcher-kva.de", "c@x.org", "hidden@x.org"]);
+    }
+
+    #[test]
+    fn built_message_text_only_is_single_part() {
+        let mut s = stored();
+        s.html = None;
+        s.attachments.clear();
+        let raw = String::from_utf8(build(&s).unwrap().raw).unwrap();
+        assert!(!raw.contains("multipart"));
+        assert!(raw.contains("plain text"));
     }
 
     #[test]

@@ -151,9 +151,9 @@ FROM email.transports t WHERE ($1::text IS NULL AND t.is_default) OR t.name = $1
 const INSERT: &str = "\
 INSERT INTO email.messages (status, transport, sender, recipients, cc, bcc, reply_to, subject, body, \
     html, template, template_version, data, headers, tags, metadata, priority, send_at, next_attempt_at, \
-    idempotency_key, message_id, created_by) \
+    idempotency_key, message_id, created_by, attachment_count) \
 VALUES ($1::email.status, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-    coalesce($18, now()), coalesce($18, now()), $19, $20, $21) \
+    coalesce($18, now()), coalesce($18, now()), $19, $20, $21, $22) \
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
 RETURNING id";
 
@@ -237,6 +237,7 @@ pub(crate) fn enqueue(d: Draft) -> i64 {
             d.idempotency_key.into(),
             message_id.as_str().into(),
             creator.as_str().into(),
+            (c.attachments.len() as i32).into(),
         ];
         let inserted = client.update(INSERT, Some(1), &args).unwrap_or_else(|e| spi_failed(e));
         let id = if inserted.is_empty() {

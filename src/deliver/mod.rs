@@ -1,5 +1,168 @@
-//! Delivery, with no pgrx: DSN parsing, transports and outcome classification. Everything here
-//! runs either in a backend (DSN validation) or on the worker's tokio runtime, on plain values
-//! copied out of the database by the worker's main thread.
+//! Delivery, with no pgrx: DSN parsing, the transports and the classification of outcomes.
+//! DSN validation runs in backends; everything else runs on the worker's current-thread tokio
+//! runtime, on plain values the worker's main thread copied out of the database. Nothing here
+//! touches Postgres.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use lettre::Address;
 
 pub mod dsn;
+pub mod file;
+pub mod outcome;
+pub mod smtp;
+
+/// One message ready to go: the envelope and the final bytes.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub id: i64,
+    pub attempt: i32,
+    pub from: Address,
+    pub to: Vec<Address>,
+    pub raw: Rc<Vec<u8>>,
+    pub message_id: String,
+}
+
+/// A reply about one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: Option<u16>,
+    pub enhanced: Option<String>,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: Option<u16>, text: impl Into<String>) -> Self {
+        let text = text.into();
+        let enhanced = enhanced_code(&text);
+        Reply { code, enhanced, text }
+    }
+}
+
+/// What happened to one send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Accepted for at least one recipient. `rejected` were refused for good (5xx), `deferred`
+    /// refused for now (4xx); `captured` holds the bytes kept by the capture transport.
+    Accepted {
+        reply: Reply,
+        provider_id: Option<String>,
+        rejected: Vec<(String, Reply)>,
+        deferred: Vec<(String, Reply)>,
+        captured: Option<Rc<Vec<u8>>>,
+    },
+    /// Try again later (4xx, network, timeout, 429/5xx): `rejected` recipients are refused for good.
+    Transient { reply: Reply, retry_after: Option<Duration>, rejected: Vec<(String, Reply)> },
+    /// Refused for good; `rejected` lists the recipients refused one by one.
+    Permanent { reply: Reply, rejected: Vec<(String, Reply)> },
+}
+
+/// The result of one send, with its timing.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: i64,
+    pub attempt: i32,
+    pub transport: String,
+    pub duration: Duration,
+    pub delivery: Delivery,
+}
+
+/// Extracts an RFC 3463 enhanced status code (`5.1.1`) from the start of a reply text.
+pub fn enhanced_code(text: &str) -> Option<String> {
+    let word = text.split_whitespace().next()?;
+    let mut parts = word.split('.');
+    let (a, b, c) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let ok = matches!(a, "2" | "4" | "5")
+        && (1..=3).contains(&b.len())
+        && (1..=3).contains(&c.len())
+        && b.bytes().all(|x| x.is_ascii_digit())
+        && c.bytes().all(|x| x.is_ascii_digit());
+    ok.then(|| word.to_string())
+}
+
+/// True when a refusal says the address itself is bad (RFC 3463 `5.1.x`), which earns a suppression.
+pub fn is_bad_address(reply: &Reply) -> bool {
+    reply.enhanced.as_deref().is_some_and(|e| e.starts_with("5.1."))
+}
+
+/// `base · 2^(attempt-1)`, capped at `max`, with ±20 % jitter.
+pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let exp = attempt.clamp(1, 30) as u32 - 1;
+    let raw = base.saturating_mul(1u32 << exp.min(30)).min(max);
+    let jitter = 0.8 + fastrand::f64() * 0.4;
+    raw.mul_f64(jitter).min(max.mul_f64(1.2))
+}
+
+/// A built transport, ready to send.
+pub enum Transport {
+    Smtp(smtp::Smtp),
+    File(file::FileTransport),
+    Capture,
+}
+
+impl Transport {
+    /// Builds the transport a DSN describes.
+    pub fn new(d: &dsn::Dsn) -> Result<Transport, String> {
+        match d.kind {
+            dsn::Kind::Smtp => smtp::Smtp::new(d).map(Transport::Smtp),
+            dsn::Kind::File => Ok(Transport::File(file::FileTransport::new(d))),
+            dsn::Kind::Capture => Ok(Transport::Capture),
+            other => Err(format!("the {} transport is not available in this build", other.name())),
+        }
+    }
+
+    /// Sends one message; never panics, every failure is a classified `Delivery`.
+    pub async fn send(&self, m: &Outgoing) -> Delivery {
+        match self {
+            Transport::Smtp(s) => s.send(m).await,
+            Transport::File(f) => f.send(m).await,
+            Transport::Capture => Delivery::Accepted {
+                reply: Reply::new(None, "captured"),
+                provider_id: None,
+                rejected: Vec::new(),
+                deferred: Vec::new(),
+                captured: Some(m.raw.clone()),
+            },
+        }
+    }
+}
+
+/// Times a send.
+pub async fn timed(name: String, t: Rc<Transport>, m: Outgoing) -> Outcome {
+    let start = Instant::now();
+    let delivery = t.send(&m).await;
+    Outcome { id: m.id, attempt: m.attempt, transport: name, duration: start.elapsed(), delivery }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enhanced_codes() {
+        assert_eq!(enhanced_code("5.1.1 <a@x.org>: Recipient address rejected"), Some("5.1.1".into()));
+        assert_eq!(enhanced_code("4.7.1 try later"), Some("4.7.1".into()));
+        assert_eq!(enhanced_code("Service unavailable"), None);
+        assert_eq!(enhanced_code("1.2.3 no"), None);
+        assert!(is_bad_address(&Reply::new(Some(550), "5.1.1 unknown user")));
+        assert!(!is_bad_address(&Reply::new(Some(550), "5.7.1 policy")));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_cap() {
+        let base = Duration::from_secs(10);
+        let max = Duration::from_secs(100);
+        for _ in 0..100 {
+            let first = backoff(1, base, max).as_secs_f64();
+            assert!((8.0..=12.0).contains(&first), "{first}");
+            let third = backoff(3, base, max).as_secs_f64();
+            assert!((32.0..=48.0).contains(&third), "{third}");
+            let capped = backoff(20, base, max).as_secs_f64();
+            assert!((80.0..=120.0).contains(&capped), "{capped}");
+        }
+    }
+}

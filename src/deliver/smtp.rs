@@ -1,0 +1,277 @@
+//! SMTP delivery with lettre's connection-level API, on the worker's tokio runtime. One pool of
+//! connections per transport (`max_connections`), STARTTLS required unless the DSN says
+//! otherwise, certificates always verified unless `verify=false`, every command bounded by the
+//! DSN's `timeout`. Each recipient gets its own RCPT result, so one refused address does not stop
+//! delivery to the others.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::time::Duration;
+
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::Error as SmtpError;
+use tokio::sync::Semaphore;
+
+use super::dsn::{self, Dsn, Tls};
+use super::{Delivery, Outgoing, Reply};
+
+pub struct Smtp {
+    host: String,
+    port: u16,
+    tls: Tls,
+    tls_params: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    timeout: Duration,
+    hello: ClientId,
+    idle: RefCell<Vec<AsyncSmtpConnection>>,
+    permits: Semaphore,
+    secrets: Vec<String>,
+}
+
+/// A failure before the message was accepted, with whether the connection is still usable.
+enum Step {
+    /// The server answered; the connection can be reset and reused.
+    Refused(SmtpError),
+    /// Network, timeout or protocol trouble: the connection is dropped.
+    Broken(Delivery),
+}
+
+impl Smtp {
+    pub fn new(d: &Dsn) -> Result<Smtp, String> {
+        let host = d.host.clone().ok_or("an SMTP DSN needs a host")?;
+        let tls_params = if d.tls == Tls::None {
+            None
+        } else {
+            let mut b = TlsParameters::builder(host.clone()).certificate_store(CertificateStore::Default);
+            if let Some(ca) = &d.ca {
+                let pem = std::fs::read(ca).map_err(|e| format!("cannot read ca={ca}: {e}"))?;
+                let cert = Certificate::from_pem(&pem).map_err(|e| format!("ca={ca} is not a PEM certificate: {e}"))?;
+                b = b.add_root_certificate(cert);
+            }
+            if !d.verify {
+                b = b.dangerous_accept_invalid_certs(true).dangerous_accept_invalid_hostnames(true);
+            }
+            Some(b.build_rustls().map_err(|e| format!("TLS set-up failed: {e}"))?)
+        };
+        let hello = match d.options.get("helo") {
+            Some(h) => ClientId::Domain(h.clone()),
+            None => ClientId::default(),
+        };
+        Ok(Smtp {
+            port: d.port.unwrap_or(25),
+            host,
+            tls: d.tls,
+            tls_params,
+            credentials: d.user.clone().map(|u| Credentials::new(u, d.password.clone().unwrap_or_default())),
+            timeout: d.timeout,
+            hello,
+            idle: RefCell::new(Vec::new()),
+            permits: Semaphore::new(d.max_connections as usize),
+            secrets: d.secrets().iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    fn reply_of(&self, e: &SmtpError) -> Reply {
+        let code = e.status().map(u16::from);
+        let mut text = e.to_string();
+        // "permanent error (550): 5.1.1 ..." -> "5.1.1 ..."
+        if code.is_some() {
+            if let Some(at) = text.find("): ") {
+                text = text[at + 3..].to_string();
+            }
+        }
+        Reply::new(code, dsn::scrub(&text, &self.secrets.iter().map(String::as_str).collect::<Vec<_>>()))
+    }
+
+    /// Classifies an error from connecting or from a whole-message command.
+    fn classify(&self, e: &SmtpError, rejected: Vec<(String, Reply)>) -> Delivery {
+        let reply = self.reply_of(e);
+        if e.is_permanent() || e.is_tls() || e.is_client() {
+            let reply = if e.is_tls() { Reply { text: format!("TLS failure: {}", reply.text), ..reply } } else { reply };
+            Delivery::Permanent { reply, rejected }
+        } else {
+            Delivery::Transient { reply, retry_after: None, rejected }
+        }
+    }
+
+    fn timed_out(&self, what: &str) -> Delivery {
+        Delivery::Transient {
+            reply: Reply::new(None, format!("timed out after {:?} waiting for {what} from {}:{}", self.timeout, self.host, self.port)),
+            retry_after: None,
+            rejected: Vec::new(),
+        }
+    }
+
+    async fn bounded<T>(&self, what: &str, f: impl Future<Output = Result<T, SmtpError>>) -> Result<T, Step> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Err(_) => Err(Step::Broken(self.timed_out(what))),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_permanent() || e.is_transient() => Err(Step::Refused(e)),
+            Ok(Err(e)) => Err(Step::Broken(self.classify(&e, Vec::new()))),
+        }
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, Delivery> {
+        let mut conn = if self.tls == Tls::Implicit {
+            let connecting = AsyncSmtpConnection::connect_tokio1(
+                (self.host.as_str(), self.port),
+                Some(self.timeout),
+                &self.hello,
+                self.tls_params.clone(),
+                None,
+            );
+            match self.bounded("the greeting", connecting).await {
+                Ok(c) => c,
+                Err(Step::Broken(d)) => return Err(d),
+                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
+            }
+        } else {
+            // Our own socket, with Nagle off: lettre writes the message and its final dot in
+            // two writes, which Nagle plus delayed ACKs would stall for 40 ms per message.
+            let tcp = match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect((self.host.as_str(), self.port))).await {
+                Err(_) => return Err(self.timed_out("the connection")),
+                Ok(Err(e)) => {
+                    return Err(Delivery::Transient {
+                        reply: Reply::new(None, format!("cannot connect to {}:{}: {e}", self.host, self.port)),
+                        retry_after: None,
+                        rejected: Vec::new(),
+                    })
+                }
+                Ok(Ok(tcp)) => tcp,
+            };
+            let _ = tcp.set_nodelay(true);
+            match self.bounded("the greeting", AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)).await {
+                Ok(c) => c,
+                Err(Step::Broken(d)) => return Err(d),
+                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
+            }
+        };
+        if self.tls == Tls::StartTls {
+            if !conn.can_starttls() {
+                return Err(Delivery::Permanent {
+                    reply: Reply::new(None, format!("{}:{} does not offer STARTTLS, which this transport requires (add tls=none to the DSN to allow plain text)", self.host, self.port)),
+                    rejected: Vec::new(),
+                });
+            }
+            let params = self.tls_params.clone().ok_or_else(|| Delivery::Permanent {
+                reply: Reply::new(None, "TLS parameters missing"),
+                rejected: Vec::new(),
+            })?;
+            match self.bounded("STARTTLS", conn.starttls(params, &self.hello)).await {
+                Ok(()) => {}
+                Err(Step::Broken(d)) => return Err(d),
+                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
+            }
+        }
+        if let Some(creds) = &self.credentials {
+            match self.bounded("AUTH", conn.auth(&[Mechanism::Plain, Mechanism::Login], creds)).await {
+                Ok(_) => {}
+                Err(Step::Broken(d)) => return Err(d),
+                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
+            }
+        }
+        Ok(conn)
+    }
+
+    pub async fn send(&self, m: &Outgoing) -> Delivery {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return Delivery::Transient { reply: Reply::new(None, "transport closed"), retry_after: None, rejected: Vec::new() };
+        };
+        // A pooled connection may have been closed by the server; one fresh try is allowed.
+        let pooled = self.idle.borrow_mut().pop();
+        let (mut conn, reused) = match pooled {
+            Some(c) => (c, true),
+            None => match self.connect().await {
+                Ok(c) => (c, false),
+                Err(d) => return d,
+            },
+        };
+        let mut result = self.transaction(&mut conn, m).await;
+        if reused && matches!(result, Err(Step::Broken(_))) {
+            conn = match self.connect().await {
+                Ok(c) => c,
+                Err(d) => return d,
+            };
+            result = self.transaction(&mut conn, m).await;
+        }
+        match result {
+            Ok(d) => {
+                self.idle.borrow_mut().push(conn);
+                d
+            }
+            Err(Step::Broken(d)) => d,
+            Err(Step::Refused(e)) => {
+                let d = self.classify(&e, Vec::new());
+                if self.bounded("RSET", conn.command(Rset)).await.is_ok() {
+                    self.idle.borrow_mut().push(conn);
+                }
+                d
+            }
+        }
+    }
+
+    /// MAIL, one RCPT per recipient, DATA. `Err(Refused)` is a whole-message refusal.
+    async fn transaction(&self, conn: &mut AsyncSmtpConnection, m: &Outgoing) -> Result<Delivery, Step> {
+        let mut params = Vec::new();
+        let non_ascii = !m.from.to_string().is_ascii() || m.to.iter().any(|a| !a.to_string().is_ascii());
+        if non_ascii {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                return Ok(Delivery::Permanent {
+                    reply: Reply::new(None, "an address is not ASCII and the server does not support SMTPUTF8"),
+                    rejected: Vec::new(),
+                });
+            }
+            params.push(MailParameter::SmtpUtfEight);
+        }
+        if !m.raw.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+            params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        self.bounded("MAIL FROM", conn.command(Mail::new(Some(m.from.clone()), params))).await?;
+
+        let (mut accepted, mut rejected, mut deferred) = (0usize, Vec::new(), Vec::new());
+        for rcpt in &m.to {
+            match self.bounded("RCPT TO", conn.command(Rcpt::new(rcpt.clone(), Vec::new()))).await {
+                Ok(_) => accepted += 1,
+                Err(Step::Refused(e)) if e.is_permanent() => rejected.push((rcpt.to_string(), self.reply_of(&e))),
+                Err(Step::Refused(e)) => deferred.push((rcpt.to_string(), self.reply_of(&e))),
+                Err(broken) => return Err(broken),
+            }
+        }
+        if accepted == 0 {
+            self.bounded("RSET", conn.command(Rset)).await?;
+            return Ok(match deferred.first() {
+                Some((_, r)) => Delivery::Transient { reply: r.clone(), retry_after: None, rejected },
+                None => Delivery::Permanent {
+                    reply: rejected.first().map(|(_, r)| r.clone()).unwrap_or_else(|| Reply::new(None, "no recipients")),
+                    rejected,
+                },
+            });
+        }
+        match self.bounded("DATA", conn.command(Data)).await {
+            Ok(_) => {}
+            Err(Step::Refused(e)) => {
+                self.bounded("RSET", conn.command(Rset)).await?;
+                return Ok(self.classify(&e, rejected));
+            }
+            Err(b) => return Err(b),
+        }
+        match self.bounded("the reply to the message", conn.message(&m.raw)).await {
+            Ok(resp) => {
+                let text = resp.message().collect::<Vec<_>>().join(" ");
+                let provider_id = text.split("queued as ").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_string);
+                Ok(Delivery::Accepted {
+                    reply: Reply::new(Some(u16::from(resp.code())), text),
+                    provider_id,
+                    rejected,
+                    deferred,
+                    captured: None,
+                })
+            }
+            Err(Step::Refused(e)) => Ok(self.classify(&e, rejected)),
+            Err(b) => Err(b),
+        }
+    }
+}
