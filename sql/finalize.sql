@@ -23,6 +23,7 @@ BEGIN
     ELSE
         NEW.version := coalesce((SELECT max(v.version) FROM email.template_versions v WHERE v.name = NEW.name), 0) + 1;
     END IF;
+    PERFORM email._check_template(NEW.name, NEW.subject, NEW.body, NEW.html);
     NEW.updated_at := now();
     INSERT INTO email.template_versions (name, version, subject, body, html)
     VALUES (NEW.name, NEW.version, NEW.subject, NEW.body, NEW.html);
@@ -31,6 +32,33 @@ END $$;
 
 CREATE TRIGGER templates_version BEFORE INSERT OR UPDATE ON email.templates
     FOR EACH ROW EXECUTE FUNCTION email._template_version();
+
+-- A template that another one extends or includes cannot be deleted: queued mail rendered
+-- through that layout would break. (Every version of every template stays in
+-- template_versions, so deleting a template never breaks mail that pinned it.)
+CREATE FUNCTION email._template_in_use() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    used text;
+    user_name text;
+BEGIN
+    -- Checked once per statement, after it, so that deleting a layout together with every
+    -- template that uses it is allowed.
+    SELECT g.name, t.name INTO used, user_name
+    FROM gone g JOIN email.templates t
+      ON concat_ws(E'\n', t.subject, t.body, t.html)
+         ~ ('\{%-?\s*(extends|include|import|from)\s+[''"]' || regexp_replace(g.name, '([.\-/])', '\\\1', 'g') || '[''"]')
+    LIMIT 1;
+    IF used IS NOT NULL THEN
+        RAISE EXCEPTION 'template "%" is used by template "%"', used, user_name
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Change or delete the templates that extend or include it first.';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER templates_in_use AFTER DELETE ON email.templates
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION email._template_in_use();
 
 -- Queue overview for operators: counts per status and transport, age of the oldest due message.
 CREATE VIEW email.queue_summary WITH (security_invoker = true) AS

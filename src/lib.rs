@@ -14,6 +14,7 @@ pub mod api;
 pub mod deliver;
 pub mod gucs;
 pub mod message;
+pub mod render;
 pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -11,6 +11,7 @@ use crate::message::FieldError;
 
 pub mod admin;
 pub mod send;
+pub mod templates;
 pub mod transports;
 mod tests;
 

@@ -354,6 +354,12 @@ fn send_template(
     let version = template_version(name).unwrap_or_else(|| {
         undefined("template", name, Some("Store it first: INSERT INTO email.templates (name, subject, body) VALUES (...)."))
     });
+    // A template the data cannot render fails here, in the caller's transaction, not later.
+    let rendered = super::templates::render_current(name, &data.0);
+    let size = rendered.subject.len() + rendered.body.as_ref().map_or(0, String::len) + rendered.html.as_ref().map_or(0, String::len);
+    if size > gucs::max_message_size() {
+        invalid(FieldError::new("data", format!("the rendered message is {size} bytes, over pg_email.max_message_size")));
+    }
     enqueue(Draft {
         recipients,
         subject: None,

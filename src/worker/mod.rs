@@ -63,6 +63,8 @@ struct Worker {
     routes_version: String,
     done: Vec<(Outcome, Option<InFlight>)>,
     state: u32,
+    templates: std::sync::Arc<crate::render::Library>,
+    templates_version: String,
 }
 
 fn slot_of(i: i32) -> Option<&'static wake::Slot> {
@@ -124,6 +126,8 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         routes_version: String::new(),
         done: Vec::new(),
         state: u32::MAX,
+        templates: Default::default(),
+        templates_version: String::new(),
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
@@ -168,7 +172,7 @@ impl Worker {
         // Wait quietly until the extension exists in the configured database.
         while !queue::extension_ready() {
             self.set_state(4, "waiting for CREATE EXTENSION pg_email");
-            if !self.wait(Duration::from_secs(5)) {
+            if !self.wait(Duration::from_secs(1)) {
                 return;
             }
         }
@@ -211,6 +215,9 @@ impl Worker {
                 let want = free.min(gucs::batch_size());
                 let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot);
                 maybe_due = jobs.len() == want;
+                if jobs.iter().any(|j| j.template.is_some()) {
+                    self.reload_templates();
+                }
                 for job in jobs {
                     self.start(job);
                 }
@@ -260,6 +267,15 @@ impl Worker {
         self.routes = routes;
     }
 
+    /// Re-reads the templates (layouts and partials) when they changed.
+    fn reload_templates(&mut self) {
+        let version = queue::templates_version();
+        if version != self.templates_version {
+            self.templates = std::sync::Arc::new(queue::load_templates());
+            self.templates_version = version;
+        }
+    }
+
     /// Builds one claimed message and starts sending it.
     fn start(&mut self, job: queue::Job) {
         let failed = |reply: String| Outcome {
@@ -278,12 +294,33 @@ impl Worker {
             return;
         };
         let mut stored = job.stored.clone();
-        if let Some((name, version, _)) = &job.template {
-            let o = failed(format!("template \"{name}\" version {version} cannot be rendered by this worker"));
-            self.done.push((o, None));
-            return;
+        if let Some((name, version, data)) = &job.template {
+            let Some(pinned) = &job.pinned else {
+                let o = failed(format!("template \"{name}\" version {version} no longer exists"));
+                self.done.push((o, None));
+                return;
+            };
+            let limits = crate::render::Limits { fuel: gucs::template_fuel(), max_size: gucs::max_message_size() };
+            // Rendering is pure Rust on this thread; a panic in it must not take the worker down.
+            let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::render::render(name, pinned, &self.templates, data, limits)
+            }))
+            .unwrap_or_else(|_| {
+                Err(crate::render::RenderError::Failed { template: name.clone(), part: "any", message: "the template engine panicked".into() })
+            });
+            match rendered {
+                Ok(p) => {
+                    stored.subject = p.subject;
+                    stored.body = p.body;
+                    stored.html = p.html;
+                }
+                Err(e) => {
+                    let o = failed(format!("rendering failed: {e}"));
+                    self.done.push((o, None));
+                    return;
+                }
+            }
         }
-        stored.message_id = job.stored.message_id.clone();
         let built = match crate::message::build(&stored) {
             Ok(b) => b,
             Err(e) => {

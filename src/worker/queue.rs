@@ -9,6 +9,7 @@ use pgrx::JsonB;
 
 use crate::deliver::outcome::Plan;
 use crate::message::{Attachment, Stored};
+use crate::render::{Library, Parts};
 
 const CLAIM: &str = include_str!("../../sql/worker/claim.sql");
 const COMPLETE: &str = include_str!("../../sql/worker/complete.sql");
@@ -23,6 +24,8 @@ pub struct Job {
     pub transport: String,
     pub stored: Stored,
     pub template: Option<(String, i32, serde_json::Value)>,
+    /// The pinned version's sources, for template mail.
+    pub pinned: Option<Parts>,
     pub pending: Option<Vec<String>>,
 }
 
@@ -92,6 +95,7 @@ pub fn claim(limit: usize, lease_ms: f64, slot: i32) -> Vec<Job> {
                         message_id: text(16).unwrap_or_default(),
                     },
                     template,
+                    pinned: None,
                     pending: list(17),
                 });
             }
@@ -115,7 +119,59 @@ pub fn claim(limit: usize, lease_ms: f64, slot: i32) -> Vec<Job> {
                     }
                 }
             }
+            let templated: Vec<(String, i32)> =
+                jobs.iter().filter_map(|j| j.template.as_ref().map(|(n, v, _)| (n.clone(), *v))).collect();
+            if !templated.is_empty() {
+                let (names, versions): (Vec<String>, Vec<i32>) = templated.into_iter().unzip();
+                let rows = spi(client.select(
+                    "SELECT v.name, v.version, v.subject, v.body, v.html FROM email.template_versions v \
+                     JOIN unnest($1::text[], $2::int[]) AS w(name, version) USING (name, version)",
+                    None,
+                    &[names.into(), versions.into()],
+                ));
+                for r in rows {
+                    let name: String = r.get(1).ok().flatten().unwrap_or_default();
+                    let version: i32 = r.get(2).ok().flatten().unwrap_or_default();
+                    let parts = Parts {
+                        subject: r.get(3).ok().flatten().unwrap_or_default(),
+                        body: r.get(4).ok().flatten(),
+                        html: r.get(5).ok().flatten(),
+                    };
+                    for j in jobs.iter_mut() {
+                        if j.template.as_ref().is_some_and(|(n, v, _)| *n == name && *v == version) {
+                            j.pinned = Some(parts.clone());
+                        }
+                    }
+                }
+            }
             jobs
+        })
+    })
+}
+
+/// The current templates' fingerprint.
+pub fn templates_version() -> String {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<String>(crate::api::templates::FINGERPRINT).ok().flatten().unwrap_or_default()
+    })
+}
+
+/// Every current template, for layouts and partials.
+pub fn load_templates() -> Library {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            spi(client.select(crate::api::templates::LOAD, None, &[]))
+                .map(|r| {
+                    (
+                        r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                        Parts {
+                            subject: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                            body: r.get::<String>(3).ok().flatten(),
+                            html: r.get::<String>(4).ok().flatten(),
+                        },
+                    )
+                })
+                .collect()
         })
     })
 }
