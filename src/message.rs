@@ -367,7 +367,8 @@ fn ascii_mailbox(mb: Mailbox) -> Mailbox {
     Mailbox::new(mb.name, ascii_address(&mb.email))
 }
 
-fn stored_list(field: &str, list: &[String]) -> Result<Vec<Mailbox>, FieldError> {
+/// Parses stored address texts back into mailboxes, IDN domains in ASCII form.
+pub fn stored_list(field: &str, list: &[String]) -> Result<Vec<Mailbox>, FieldError> {
     let mut out = Vec::with_capacity(list.len());
     for s in list {
         out.push(ascii_mailbox(parse_mailbox(field, s)?));

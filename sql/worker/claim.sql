@@ -15,4 +15,4 @@ FROM due
 WHERE m.id = due.id
 RETURNING m.id, m.attempts, m.transport, m.sender, m.recipients, m.cc, m.bcc, m.reply_to, m.subject,
           m.body, m.html, m.template, m.template_version, m.data::text, m.headers::text, m.message_id,
-          m.pending_recipients, m.attachment_count
+          m.pending_recipients, m.attachment_count, m.tags, m.metadata::text

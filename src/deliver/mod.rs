@@ -10,7 +10,10 @@ use lettre::Address;
 
 pub mod dsn;
 pub mod file;
+pub mod http;
 pub mod outcome;
+pub mod providers;
+pub mod rate;
 pub mod smtp;
 
 /// One message ready to go: the envelope and the final bytes.
@@ -22,6 +25,8 @@ pub struct Outgoing {
     pub to: Vec<Address>,
     pub raw: Rc<Vec<u8>>,
     pub message_id: String,
+    /// The message as fields, for HTTP providers (None for SMTP, file and capture).
+    pub fields: Option<Rc<http::Fields>>,
 }
 
 /// A reply about one recipient.
@@ -100,17 +105,23 @@ pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
 /// A built transport, ready to send.
 pub enum Transport {
     Smtp(smtp::Smtp),
+    Http(http::Http),
     File(file::FileTransport),
     Capture,
 }
 
 impl Transport {
     /// Builds the transport a DSN describes.
+    pub fn is_http(&self) -> bool {
+        matches!(self, Transport::Http(_))
+    }
+
     pub fn new(d: &dsn::Dsn) -> Result<Transport, String> {
         match d.kind {
             dsn::Kind::Smtp => smtp::Smtp::new(d).map(Transport::Smtp),
             dsn::Kind::File => Ok(Transport::File(file::FileTransport::new(d))),
             dsn::Kind::Capture => Ok(Transport::Capture),
+            k if k.is_http() => http::Http::new(d).map(Transport::Http),
             other => Err(format!("the {} transport is not available in this build", other.name())),
         }
     }
@@ -119,6 +130,7 @@ impl Transport {
     pub async fn send(&self, m: &Outgoing) -> Delivery {
         match self {
             Transport::Smtp(s) => s.send(m).await,
+            Transport::Http(h) => h.send(m).await,
             Transport::File(f) => f.send(m).await,
             Transport::Capture => Delivery::Accepted {
                 reply: Reply::new(None, "captured"),
@@ -131,8 +143,17 @@ impl Transport {
     }
 }
 
-/// Times a send.
-pub async fn timed(name: String, t: Rc<Transport>, m: Outgoing) -> Outcome {
+/// Reserves a send slot under a transport's rate cap; returns how long to wait.
+pub type Pacer = Rc<dyn Fn() -> Duration>;
+
+/// Waits for the transport's rate cap, then sends and times the send.
+pub async fn timed(name: String, t: Rc<Transport>, pacer: Option<Pacer>, m: Outgoing) -> Outcome {
+    if let Some(p) = pacer {
+        let wait = p();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
     let start = Instant::now();
     let delivery = t.send(&m).await;
     Outcome { id: m.id, attempt: m.attempt, transport: name, duration: start.elapsed(), delivery }

@@ -52,6 +52,25 @@ struct InFlight {
 struct Route {
     transport: Rc<Transport>,
     fallback: Option<String>,
+    pacer: Option<deliver::Pacer>,
+}
+
+/// A pacer for a `rate=` cap, shared with every worker through shared memory.
+fn pacer(name: &str, rate: dsn::Rate) -> deliver::Pacer {
+    let mut key: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{name}/{}/{}", rate.count, rate.per.as_nanos()).bytes() {
+        key = (key ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    let interval = (rate.per.as_nanos() / rate.count.max(1) as u128) as u64;
+    let local = Rc::new(std::sync::atomic::AtomicU64::new(0));
+    Rc::new(move || {
+        let now = deliver::rate::monotonic_ns();
+        let wait = match wake::rate_slot(key) {
+            Some(cell) => deliver::rate::reserve(cell, now, interval),
+            None => deliver::rate::reserve(&local, now, interval),
+        };
+        Duration::from_nanos(wait)
+    })
 }
 
 struct Worker {
@@ -141,6 +160,36 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
     // Exit code 1: the postmaster restarts the worker after its restart time (unless the server
     // itself is shutting down), so pg_terminate_backend() acts as a restart, never a stop.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+/// The message as fields for an HTTP provider; a retry for some recipients names only those.
+fn http_fields(m: &crate::message::Stored, job: &queue::Job) -> Result<deliver::http::Fields, crate::message::FieldError> {
+    use crate::message::{parse_mailbox, parse_mailboxes, stored_list};
+    let keep = |list: Vec<lettre::message::Mailbox>| -> Vec<lettre::message::Mailbox> {
+        match &job.pending {
+            Some(p) => list.into_iter().filter(|mb| p.iter().any(|x| x.eq_ignore_ascii_case(&mb.email.to_string()))).collect(),
+            None => list,
+        }
+    };
+    let ascii = |mb: lettre::message::Mailbox| lettre::message::Mailbox::new(mb.name, crate::message::ascii_address(&mb.email));
+    Ok(deliver::http::Fields {
+        from: Some(ascii(parse_mailbox("sender", &m.sender)?)),
+        to: keep(stored_list("recipients", &m.recipients)?),
+        cc: keep(stored_list("cc", &m.cc)?),
+        bcc: keep(stored_list("bcc", &m.bcc)?),
+        reply_to: match &m.reply_to {
+            Some(r) => parse_mailboxes("reply_to", r)?.into_iter().map(ascii).collect(),
+            None => Vec::new(),
+        },
+        subject: m.subject.clone(),
+        text: m.body.clone(),
+        html: m.html.clone(),
+        headers: m.headers.clone(),
+        attachments: m.attachments.clone(),
+        tags: job.tags.clone(),
+        metadata: job.metadata.clone(),
+        message_id: m.message_id.clone(),
+    })
 }
 
 impl Worker {
@@ -256,10 +305,11 @@ impl Worker {
         self.routes_version = version;
         let mut routes = HashMap::new();
         for row in queue::load_transports() {
-            let built = dsn::parse(&row.dsn).map_err(|e| e.0).and_then(|d| Transport::new(&d));
+            let built = dsn::parse(&row.dsn).map_err(|e| e.0).and_then(|d| Transport::new(&d).map(|t| (t, d.rate)));
             match built {
-                Ok(t) => {
-                    routes.insert(row.name, Route { transport: Rc::new(t), fallback: row.fallback });
+                Ok((t, rate)) => {
+                    let pacer = rate.map(|r| pacer(&row.name, r));
+                    routes.insert(row.name, Route { transport: Rc::new(t), fallback: row.fallback, pacer });
                 }
                 Err(e) => warning!("pg_email: transport \"{}\" cannot be used: {e}", row.name),
             }
@@ -333,6 +383,18 @@ impl Worker {
             Some(p) => built.to.into_iter().filter(|a| p.iter().any(|x| x.eq_ignore_ascii_case(&a.to_string()))).collect(),
             None => built.to,
         };
+        let fields = if route.transport.is_http() {
+            match http_fields(&stored, &job) {
+                Ok(f) => Some(Rc::new(f)),
+                Err(e) => {
+                    let o = failed(format!("the stored message cannot be built: {e}"));
+                    self.done.push((o, None));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let out = Outgoing {
             id: job.id,
             attempt: job.attempt,
@@ -340,12 +402,13 @@ impl Worker {
             to: to.clone(),
             raw: Rc::new(built.raw),
             message_id: job.stored.message_id.clone(),
+            fields,
         };
         self.in_flight.insert(
             job.id,
             InFlight { rcpts: to.iter().map(|a| a.to_string()).collect(), envelope_from: built.from.to_string() },
         );
-        self.sending.push(Box::pin(deliver::timed(job.transport.clone(), route.transport.clone(), out)));
+        self.sending.push(Box::pin(deliver::timed(job.transport.clone(), route.transport.clone(), route.pacer.clone(), out)));
     }
 
     /// Runs the runtime for up to `slice`, collecting finished sends, and returns early when

@@ -27,6 +27,8 @@ pub struct Job {
     /// The pinned version's sources, for template mail.
     pub pinned: Option<Parts>,
     pub pending: Option<Vec<String>>,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A transport row with its secret DSN.
@@ -97,6 +99,8 @@ pub fn claim(limit: usize, lease_ms: f64, slot: i32) -> Vec<Job> {
                     template,
                     pinned: None,
                     pending: list(17),
+                    tags: list(19).unwrap_or_default(),
+                    metadata: text(20).and_then(|m| serde_json::from_str(&m).ok()).unwrap_or_default(),
                 });
             }
             if !with_files.is_empty() {

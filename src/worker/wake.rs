@@ -29,11 +29,40 @@ pub struct Slot {
     pub started_at: AtomicI64,
 }
 
+/// One rate-limited transport's schedule, shared by every worker.
+#[derive(Default)]
+pub struct RateSlot {
+    /// Hash of the transport name and its rate; 0 when free.
+    pub key: AtomicU64,
+    /// Next free instant, CLOCK_MONOTONIC nanoseconds.
+    pub next: AtomicU64,
+}
+
+pub const RATE_SLOTS: usize = 32;
+
 #[derive(Default)]
 pub struct Shared {
     /// Set by a committing backend, cleared by the worker that claims.
     pub pending: AtomicBool,
     pub slots: [Slot; MAX_WORKERS],
+    pub rates: [RateSlot; RATE_SLOTS],
+}
+
+/// The shared schedule for `key`, claiming a free slot on first use.
+pub fn rate_slot(key: u64) -> Option<&'static AtomicU64> {
+    let key = key | 1;
+    let shared = shared()?;
+    for i in 0..RATE_SLOTS {
+        let s = &shared.rates[(key as usize + i) % RATE_SLOTS];
+        let k = s.key.load(Ordering::Acquire);
+        if k == key {
+            return Some(&s.next);
+        }
+        if k == 0 && s.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire).map_or_else(|v| v == key, |_| true) {
+            return Some(&s.next);
+        }
+    }
+    None
 }
 
 unsafe impl PGRXSharedMemory for Shared {}
