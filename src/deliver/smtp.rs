@@ -6,7 +6,10 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Pooled connections idle longer than this are not reused (servers close idle sessions).
+const MAX_IDLE: Duration = Duration::from_secs(30);
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters};
@@ -26,7 +29,7 @@ pub struct Smtp {
     credentials: Option<Credentials>,
     timeout: Duration,
     hello: ClientId,
-    idle: RefCell<Vec<AsyncSmtpConnection>>,
+    idle: RefCell<Vec<(AsyncSmtpConnection, Instant)>>,
     permits: Semaphore,
     secrets: Vec<String>,
 }
@@ -89,8 +92,11 @@ impl Smtp {
     /// Classifies an error from connecting or from a whole-message command.
     fn classify(&self, e: &SmtpError, rejected: Vec<(String, Reply)>) -> Delivery {
         let reply = self.reply_of(e);
-        if e.is_permanent() || e.is_tls() || e.is_client() {
-            let reply = if e.is_tls() { Reply { text: format!("TLS failure: {}", reply.text), ..reply } } else { reply };
+        // rustls reports a refused certificate inside a connection error: it is a
+        // configuration problem that retrying will not fix.
+        let tls = e.is_tls() || reply.text.contains("invalid peer certificate") || reply.text.contains("certificate");
+        if e.is_permanent() || tls || e.is_client() {
+            let reply = if tls { Reply { text: format!("TLS failure: {}", reply.text), ..reply } } else { reply };
             Delivery::Permanent { reply, rejected }
         } else {
             Delivery::Transient { reply, retry_after: None, rejected }
@@ -181,7 +187,13 @@ impl Smtp {
             return Delivery::Transient { reply: Reply::new(None, "transport closed"), retry_after: None, rejected: Vec::new() };
         };
         // A pooled connection may have been closed by the server; one fresh try is allowed.
-        let pooled = self.idle.borrow_mut().pop();
+        let pooled = loop {
+            match self.idle.borrow_mut().pop() {
+                Some((c, at)) if at.elapsed() < MAX_IDLE => break Some(c),
+                Some(_) => continue,
+                None => break None,
+            }
+        };
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => match self.connect().await {
@@ -197,16 +209,20 @@ impl Smtp {
             };
             result = self.transaction(&mut conn, m).await;
         }
+        // A connection that saw a temporary refusal is not reused: the server's state for this
+        // session (a map, a limit) may be what said no, and a new session asks afresh.
         match result {
             Ok(d) => {
-                self.idle.borrow_mut().push(conn);
+                if !has_deferral(&d) {
+                    self.idle.borrow_mut().push((conn, Instant::now()));
+                }
                 d
             }
             Err(Step::Broken(d)) => d,
             Err(Step::Refused(e)) => {
                 let d = self.classify(&e, Vec::new());
-                if self.bounded("RSET", conn.command(Rset)).await.is_ok() {
-                    self.idle.borrow_mut().push(conn);
+                if !e.is_transient() && self.bounded("RSET", conn.command(Rset)).await.is_ok() {
+                    self.idle.borrow_mut().push((conn, Instant::now()));
                 }
                 d
             }
@@ -273,5 +289,13 @@ impl Smtp {
             Err(Step::Refused(e)) => Ok(self.classify(&e, rejected)),
             Err(b) => Err(b),
         }
+    }
+}
+
+fn has_deferral(d: &Delivery) -> bool {
+    match d {
+        Delivery::Transient { .. } => true,
+        Delivery::Accepted { deferred, .. } => !deferred.is_empty(),
+        Delivery::Permanent { .. } => false,
     }
 }

@@ -18,6 +18,7 @@ CONF = [
     "pg_email.retry_max = '4s'",
     "pg_email.lease = '20s'",
     "pg_email.max_attempts = 50",
+    "pg_email.workers = 2",
     "pg_email.poll_interval = '250ms'",
     "pg_email.default_sender = 'pg_email tests <tests@example.org>'",
     "log_min_messages = info",

@@ -146,6 +146,17 @@ def _wait_for_port(port, timeout, *, banner=True, alive=None, what="server"):
         time.sleep(0.05)
 
 
+def _check_port_free(port):
+    """Fails fast (OSError EADDRINUSE) when 127.0.0.1:port is taken, instead of letting the
+    server find out slowly (Postfix's fatal errors sleep, aiosmtpd waits for ready_timeout)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError as e:
+            raise OSError(e.errno, f"127.0.0.1:{port} is not free: {e.strerror}") from None
+
+
 def _poll(fn, n, timeout, what):
     """Calls fn() until it returns a list of at least n items; AssertionError on timeout."""
     deadline = time.monotonic() + timeout
@@ -381,6 +392,7 @@ class Postfix(_Server):
         os.makedirs(self.base_dir, mode=0o755, exist_ok=True)
         os.chmod(self.base_dir, 0o755)
         self._kill_leftovers()
+        _check_port_free(self.port)
         for d in (self.config_dir, self.queue_dir, self.data_dir, self.maildir):
             shutil.rmtree(d, ignore_errors=True)
         if os.path.exists(self.maillog):
@@ -675,6 +687,7 @@ class AioSmtp(_Server):
     def _start(self):
         from aiosmtpd.controller import Controller
 
+        _check_port_free(self.port)
         kwargs = dict(
             hostname=HOST,
             port=self.port,
@@ -736,7 +749,12 @@ class AioSmtp(_Server):
             except AssertionError:
                 pass
 
+    def set_reject(self, reject):
+        """Replaces the RCPT reject map; takes effect for the next RCPT command."""
+        self.reject = {k.lower(): v for k, v in (reject or {}).items()}
+
     def wait_for(self, n, timeout=10):
+        """Polls until at least n messages were accepted; returns a copy of .messages."""
         return _poll(lambda: list(self.messages), n, timeout, f"AioSmtp on port {self.port}")
 
     def clear(self):
@@ -921,6 +939,7 @@ class SmtpSink(_Server):
     def _start(self):
         os.makedirs(self.base_dir, mode=0o755, exist_ok=True)
         self._kill_stale()
+        _check_port_free(self.port)
         shutil.rmtree(self.sink_dir, ignore_errors=True)
         os.makedirs(self.sink_dir, mode=0o755)
         cmd = [SMTP_SINK, "-4", "-h", "localhost.test", "-m", str(self.concurrency), "-t", "300",

@@ -448,3 +448,18 @@ def test_smtp_sink_under_load():
         assert errors == []
         got = sink.wait_for(n_threads * per_thread)
         assert sorted(got) == sorted(sent)
+
+
+def test_port_in_use_fails_fast():
+    with Blackhole(26501):
+        for make in (
+            lambda: Postfix(os.path.join(BASE, "pf-busy"), 26501),
+            lambda: SmtpSink(26501, os.path.join(BASE, "sink-busy")),
+            lambda: AioSmtp(26501),
+        ):
+            server = make()
+            t = time.monotonic()
+            with pytest.raises(OSError):
+                server.start()
+            assert time.monotonic() - t < 2
+            assert not server.running
