@@ -15,6 +15,7 @@ pub mod deliver;
 pub mod gucs;
 pub mod message;
 pub mod render;
+mod hostile;
 pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -376,6 +376,49 @@ pub fn stored_list(field: &str, list: &[String]) -> Result<Vec<Mailbox>, FieldEr
     Ok(out)
 }
 
+/// Encodes an unstructured header value (RFC 5322 §3.2.5, RFC 2047). ASCII text is folded at
+/// spaces; anything else becomes base64 encoded-words cut inside the text, never at its spaces,
+/// because decoders drop the white space between two encoded-words (lettre cuts at spaces, which
+/// loses double spaces such as "À  À").
+pub fn encode_header_value(value: &str) -> String {
+    use base64::Engine;
+    let printable = value.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t');
+    if printable && !value.contains("=?") {
+        let mut out = String::with_capacity(value.len() + 8);
+        let mut line = 0usize;
+        for (i, word) in value.split(' ').enumerate() {
+            if i > 0 {
+                if line + 1 + word.len() > 76 && line > 0 {
+                    out.push_str("\r\n ");
+                    line = 1;
+                } else {
+                    out.push(' ');
+                    line += 1;
+                }
+            }
+            out.push_str(word);
+            line += word.len();
+        }
+        return out;
+    }
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in value.chars() {
+        if chunk.len() + c.len_utf8() > 45 {
+            words.push(std::mem::take(&mut chunk));
+        }
+        chunk.push(c);
+    }
+    if !chunk.is_empty() || words.is_empty() {
+        words.push(chunk);
+    }
+    words
+        .iter()
+        .map(|w| format!("=?utf-8?b?{}?=", base64::engine::general_purpose::STANDARD.encode(w.as_bytes())))
+        .collect::<Vec<_>>()
+        .join("\r\n ")
+}
+
 /// Builds the MIME message: multipart/alternative (text first) when both parts exist, inline
 /// parts in multipart/related next to the HTML, attachments in multipart/mixed.
 pub fn build(m: &Stored) -> Result<Built, FieldError> {
@@ -388,9 +431,10 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
     let bcc = stored_list("bcc", &m.bcc)?;
     check_single_line("subject", &m.subject)?;
 
+    let subject = HeaderName::new_from_ascii("Subject".into()).map_err(|_| FieldError::new("subject", "internal"))?;
     let mut b = lettre::Message::builder()
         .from(from.clone())
-        .subject(m.subject.clone())
+        .raw_header(HeaderValue::dangerous_new_pre_encoded(subject, m.subject.clone(), encode_header_value(&m.subject)))
         .message_id(Some(m.message_id.clone()))
         .date_now();
     for mb in &to {
@@ -412,7 +456,7 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
         check_single_line(&format!("headers.{name}"), value)?;
         let hn = HeaderName::new_from_ascii(name.clone())
             .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?;
-        b = b.raw_header(HeaderValue::new(hn, value.clone()));
+        b = b.raw_header(HeaderValue::dangerous_new_pre_encoded(hn, value.clone(), encode_header_value(value)));
     }
 
     let ctype = |a: &Attachment| {

@@ -1342,6 +1342,7 @@ _IMPLS = {"sendgrid": _SendGrid, "postmark": _Postmark, "resend": _Resend, "mail
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # a burst of parallel sends must not overflow the accept queue
     allow_reuse_address = True
     fake = None
 
