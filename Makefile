@@ -51,3 +51,9 @@ demo: install
 clean-e2e:
 	-scripts/cluster.sh stop $(E2E_DIR)
 	rm -rf $(E2E_DIR)
+
+# Benchmarks with same-run baselines; prints a Markdown table, writes bench/results/*.json.
+bench: install
+	@dpkg-query -W -f='$${Status}\n' wrk nginx-light 2>/dev/null | grep -c 'install ok installed' | grep -q 2 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light >/dev/null)
+	$(PYTHON) bench/bench.py $(BENCH_ONLY)

@@ -60,6 +60,19 @@ END $$;
 CREATE TRIGGER templates_in_use AFTER DELETE ON email.templates
     REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION email._template_in_use();
 
+-- Backends cache transports and "are there suppressions at all"; these triggers tell them when
+-- to read again.
+CREATE FUNCTION email._config_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    PERFORM email._config_changed();
+    RETURN NULL;
+END $$;
+CREATE TRIGGER transports_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.transports
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+CREATE TRIGGER suppressions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.suppressions
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+
 -- Queue overview for operators: counts per status and transport, age of the oldest due message.
 CREATE VIEW email.queue_summary WITH (security_invoker = true) AS
 SELECT m.status,

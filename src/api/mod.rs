@@ -2,7 +2,12 @@
 //! caller's backend, inside the caller's transaction, and never touches the network: it
 //! validates, then inserts through SPI with user values passed as arguments.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CStr;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -57,4 +62,31 @@ pub(crate) fn caller_role() -> String {
         let name = pg_sys::GetUserNameFromId(oid, false);
         CStr::from_ptr(name).to_string_lossy().into_owned()
     }
+}
+
+thread_local! {
+    /// Plans of this backend's hot statements, prepared once (SPI_keepplan) and re-planned by
+    /// Postgres itself when the tables they use change.
+    static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `sql` through a plan prepared on first use; argument types come from `args`.
+pub(crate) fn run_prepared<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &str,
+    limit: Option<i64>,
+    args: &[DatumWithOid],
+) -> SpiTupleTable<'conn> {
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        let stmt = match plans.entry(sql.to_string()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let oids: Vec<pgrx::pg_sys::PgOid> = args.iter().map(|a| pgrx::pg_sys::PgOid::from(a.oid())).collect();
+                let prepared = client.prepare_mut(sql, &oids).unwrap_or_else(|e| spi_failed(e)).keep();
+                v.insert(prepared)
+            }
+        };
+        client.update(&*stmt, limit.map(|l| l as _), args).unwrap_or_else(|e| spi_failed(e))
+    })
 }

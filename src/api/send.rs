@@ -144,18 +144,64 @@ fn check(d: &Draft) -> Result<Checked, FieldError> {
     })
 }
 
-const LOOKUP: &str = "\
-SELECT t.name, t.sender, ARRAY(SELECT s.address FROM email.suppressions s WHERE s.address = ANY($2)) \
+const TRANSPORT: &str = "\
+SELECT t.name, t.sender, EXISTS (SELECT 1 FROM email.suppressions) \
 FROM email.transports t WHERE ($1::text IS NULL AND t.is_default) OR t.name = $1";
 
-const INSERT: &str = "\
-INSERT INTO email.messages (status, transport, sender, recipients, cc, bcc, reply_to, subject, body, \
-    html, template, template_version, data, headers, tags, metadata, priority, send_at, next_attempt_at, \
-    idempotency_key, message_id, created_by, attachment_count) \
-VALUES ($1::email.status, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-    coalesce($18, now()), coalesce($18, now()), $19, $20, $21, $22) \
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-RETURNING id";
+const SUPPRESSED: &str = "SELECT coalesce(array_agg(s.address), '{}') FROM email.suppressions s WHERE s.address = ANY($1)";
+
+/// What this backend knows about a transport, and whether any suppression exists: read once
+/// per configuration generation instead of once per message.
+struct Route {
+    name: String,
+    sender: Option<String>,
+    any_suppressed: bool,
+}
+
+thread_local! {
+    /// Transport lookups, valid while the configuration generation is unchanged.
+    static ROUTES: std::cell::RefCell<(u64, std::collections::HashMap<Option<String>, std::rc::Rc<Route>>)> =
+        std::cell::RefCell::new((0, std::collections::HashMap::new()));
+}
+
+/// Called by the statement triggers on email.transports and email.suppressions.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _config_changed() {
+    crate::worker::wake::config_changed();
+}
+
+/// Forgets cached transport lookups (add_transport calls it).
+pub(crate) fn forget_routes() {
+    ROUTES.with(|r| r.borrow_mut().1.clear());
+}
+
+fn route(client: &mut pgrx::spi::SpiClient, transport: Option<&str>) -> Option<std::rc::Rc<Route>> {
+    // Read the generation before the tables: a change committed meanwhile bumps it again.
+    let generation = crate::worker::wake::config_generation();
+    let key = transport.map(str::to_string);
+    let cached = ROUTES.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.0 != generation || generation == 0 {
+            *r = (generation, std::collections::HashMap::new());
+        }
+        r.1.get(&key).cloned()
+    });
+    if cached.is_some() {
+        return cached;
+    }
+    let found = super::run_prepared(client, TRANSPORT, Some(1), &[transport.into()]);
+    if found.is_empty() {
+        return None;
+    }
+    let row = found.first();
+    let route = std::rc::Rc::new(Route {
+        name: row.get(1).ok().flatten().unwrap_or_default(),
+        sender: row.get(2).ok().flatten(),
+        any_suppressed: row.get(3).ok().flatten().unwrap_or(true),
+    });
+    ROUTES.with(|r| r.borrow_mut().1.insert(key, route.clone()));
+    Some(route)
+}
 
 const EXISTING: &str = "SELECT id FROM email.messages WHERE idempotency_key = $1";
 
@@ -174,10 +220,7 @@ pub(crate) fn enqueue(d: Draft) -> i64 {
     let creator = caller_role();
 
     Spi::connect_mut(|client| {
-        let found = client
-            .select(LOOKUP, Some(1), &[d.transport.into(), bare.clone().into()])
-            .unwrap_or_else(|e| spi_failed(e));
-        if found.is_empty() {
+        let Some(found) = route(client, d.transport) else {
             match d.transport {
                 Some(name) => undefined("transport", name, Some("Register it with email.add_transport(name, dsn).")),
                 None => raise(
@@ -186,11 +229,14 @@ pub(crate) fn enqueue(d: Draft) -> i64 {
                     Some("Pass transport => 'name', or register one with email.add_transport(name, dsn, is_default => true)."),
                 ),
             }
-        }
-        let row = found.first();
-        let transport: String = row.get(1).ok().flatten().unwrap_or_default();
-        let transport_sender: Option<String> = row.get(2).ok().flatten();
-        let suppressed: Vec<String> = row.get::<Vec<String>>(3).ok().flatten().unwrap_or_default();
+        };
+        let transport = found.name.clone();
+        let transport_sender = found.sender.clone();
+        let suppressed: Vec<String> = if found.any_suppressed {
+            super::run_prepared(client, SUPPRESSED, Some(1), &[bare.clone().into()]).first().get::<Vec<String>>(1).ok().flatten().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
 
         let sender_text = d.sender.map(str::to_string).or(transport_sender).or_else(gucs::default_sender);
         let sender = match sender_text {
@@ -215,31 +261,56 @@ pub(crate) fn enqueue(d: Draft) -> i64 {
         };
         let message_id = message::new_message_id(&sender);
 
-        let args: Vec<DatumWithOid> = vec![
-            (if all_suppressed { "suppressed" } else { "queued" }).into(),
+        // The statement names only the columns this call sets, so the common call plans and
+        // runs the smallest INSERT; each shape is prepared once per backend.
+        let mut cols: Vec<&str> = vec!["transport", "sender", "recipients", "message_id", "created_by"];
+        let mut args: Vec<DatumWithOid> = vec![
             transport.as_str().into(),
             message::mailbox_text(&sender).into(),
             texts(&to).into(),
-            nonempty(cc).into(),
-            nonempty(bcc).into(),
-            c.reply_to.as_deref().into(),
-            d.subject.into(),
-            d.body.into(),
-            d.html.into(),
-            template.into(),
-            template_version.into(),
-            data.into(),
-            c.headers.into(),
-            c.tags.into(),
-            d.metadata.into(),
-            d.priority.unwrap_or(0).into(),
-            d.send_at.into(),
-            d.idempotency_key.into(),
             message_id.as_str().into(),
             creator.as_str().into(),
-            (c.attachments.len() as i32).into(),
         ];
-        let inserted = client.update(INSERT, Some(1), &args).unwrap_or_else(|e| spi_failed(e));
+        macro_rules! opt {
+            ($col:literal, $v:expr) => {
+                if let Some(v) = $v {
+                    cols.push($col);
+                    args.push(DatumWithOid::from(v));
+                }
+            };
+        }
+        opt!("cc", nonempty(cc));
+        opt!("bcc", nonempty(bcc));
+        opt!("reply_to", c.reply_to.as_deref());
+        opt!("subject", d.subject);
+        opt!("body", d.body);
+        opt!("html", d.html);
+        opt!("template", template);
+        opt!("template_version", template_version);
+        opt!("data", data);
+        opt!("headers", c.headers);
+        opt!("tags", c.tags);
+        opt!("metadata", d.metadata);
+        opt!("priority", d.priority.filter(|p| *p != 0));
+        opt!("send_at", d.send_at);
+        opt!("idempotency_key", d.idempotency_key);
+        opt!("attachment_count", (!c.attachments.is_empty()).then_some(c.attachments.len() as i32));
+        let mut values: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+        if let Some(at) = cols.iter().position(|c| *c == "send_at") {
+            cols.push("next_attempt_at");
+            values.push(format!("${}", at + 1));
+        }
+        if all_suppressed {
+            cols.push("status");
+            values.push("'suppressed'".into());
+        }
+        let sql = format!(
+            "INSERT INTO email.messages ({}) VALUES ({}) {}RETURNING id",
+            cols.join(", "),
+            values.join(", "),
+            if d.idempotency_key.is_some() { "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING " } else { "" }
+        );
+        let inserted = super::run_prepared(client, &sql, Some(1), &args);
         let id = if inserted.is_empty() {
             // The idempotency key exists (possibly committed by a concurrent call we waited for).
             let existing = client

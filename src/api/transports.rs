@@ -25,6 +25,7 @@ pub(super) fn install_log_hook() {
 
 /// Forgets the flag at transaction end (an error caught by a PL/pgSQL block never reaches the hook).
 pub(crate) fn reset_secret_flag() {
+    super::send::forget_routes();
     HANDLING_SECRET.store(false, Ordering::Relaxed);
 }
 
@@ -123,5 +124,6 @@ fn add_transport(
             .unwrap_or_else(|e| spi_failed(e));
         client.update(UPSERT_SECRET, None, &[name.into(), raw.trim().into()]).unwrap_or_else(|e| spi_failed(e));
     });
+    super::send::forget_routes();
     HANDLING_SECRET.store(false, Ordering::Relaxed);
 }

@@ -46,6 +46,25 @@ pub struct Shared {
     pub pending: AtomicBool,
     pub slots: [Slot; MAX_WORKERS],
     pub rates: [RateSlot; RATE_SLOTS],
+    /// Bumped whenever email.transports or email.suppressions change (and again when that
+    /// transaction ends), so backends can cache what they read from them.
+    pub config_generation: AtomicU64,
+}
+
+static CONFIG_CHANGED_IN_XACT: AtomicBool = AtomicBool::new(false);
+
+/// The current configuration generation (0 without shared memory: caching is then off).
+pub fn config_generation() -> u64 {
+    shared().map_or(0, |s| s.config_generation.load(Ordering::Acquire))
+}
+
+/// Called by the statement triggers on transports and suppressions.
+pub fn config_changed() {
+    if let Some(s) = shared() {
+        s.config_generation.fetch_add(1, Ordering::AcqRel);
+    }
+    CONFIG_CHANGED_IN_XACT.store(true, Ordering::Relaxed);
+    ensure_callback();
 }
 
 /// The shared schedule for `key`, claiming a free slot on first use.
@@ -99,6 +118,7 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             crate::api::transports::reset_secret_flag();
+            bump_if_changed();
             if QUEUED_IN_XACT.swap(false, Ordering::Relaxed) {
                 wake_workers();
             }
@@ -107,9 +127,20 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             crate::api::transports::reset_secret_flag();
+            bump_if_changed();
             QUEUED_IN_XACT.store(false, Ordering::Relaxed);
         }
         _ => {}
+    }
+}
+
+/// A second bump when the changing transaction ends: a backend that cached what it read before
+/// the change became visible sees a new generation afterwards.
+fn bump_if_changed() {
+    if CONFIG_CHANGED_IN_XACT.swap(false, Ordering::Relaxed) {
+        if let Some(s) = shared() {
+            s.config_generation.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -1,0 +1,388 @@
+"""make bench: pg_email's figures next to same-run baselines.
+
+Starts its own cluster (2 workers), smtp-sink, an nginx responder and a latency sink, runs each
+benchmark, prints one Markdown table and writes the figures as JSON under bench/results/.
+Every comparison measures both sides in the same run, interleaved, and reports medians."""
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psycopg2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+from servers import AioSmtp  # noqa: E402
+
+PORT = int(os.environ.get("BENCH_PORT", "5496"))
+DIR = "/var/tmp/pg_email-bench"
+SINK_PORT, HTTP_PORT, LAT_PORT = 28025, 28080, 28026
+REPS = int(os.environ.get("BENCH_REPS", "3"))
+BODY_1K = ("The quick brown fox jumps over the lazy dog. " * 23)[:1000]
+BODY_2K = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 36)[:2000]
+results = []
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def connect(db="bench"):
+    c = psycopg2.connect(host="127.0.0.1", port=PORT, dbname=db, user="postgres")
+    c.autocommit = True
+    return c
+
+
+DB = None
+
+
+def sql(q, *args):
+    with DB.cursor() as cur:
+        cur.execute(q, args if args else None)
+        return cur.fetchall() if cur.description else None
+
+
+def val(q, *args):
+    r = sql(q, *args)
+    return r[0][0] if r else None
+
+
+def set_conf(**kw):
+    for k, v in kw.items():
+        sql(f"ALTER SYSTEM SET pg_email.{k} = '{v}'")
+    sql("SELECT pg_reload_conf()")
+    time.sleep(0.3)
+
+
+def record(n, figure, value, unit, baseline=None, ratio=None, target="", met=None, extra=None):
+    results.append({"n": n, "figure": figure, "value": value, "unit": unit, "baseline": baseline,
+                    "ratio": ratio, "target": target, "met": met, **(extra or {})})
+    log(f"  -> {figure}: {value} {unit}" + (f" (baseline {baseline}, ratio {ratio})" if baseline else ""))
+
+
+def reset():
+    sql("TRUNCATE email.messages, email.receipts, email.attachments, email.captured, bench.plain RESTART IDENTITY CASCADE")
+    sql("CHECKPOINT")
+
+
+def start_cluster():
+    subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "start", DIR, str(PORT), "bench",
+                    "pg_email.workers = 2", "pg_email.max_in_flight = 256", "pg_email.batch_size = 500",
+                    "pg_email.paused = on", "pg_email.default_sender = 'Bench <bench@example.org>'",
+                    "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'",
+                    "log_min_messages = warning"], check=True)
+
+
+def pgbench(script, seconds=10, clients=4):
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+    os.chmod(f.name, 0o644)
+    out = subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-n", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres",
+                          "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", "prepared", "-f", f.name, "bench"],
+                         check=True, capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    line = next(l for l in out.splitlines() if l.startswith("tps"))
+    return float(line.split("=")[1].split()[0])
+
+
+def bench_enqueue():
+    log("1. enqueue TPS, pgbench, 4 clients")
+    send = ("\\set id random(1, 1000000)\n"
+            f"SELECT email.send(recipients => 'user' || :id || '@example.org', subject => 'Hello', body => '{BODY_1K}', transport => 'sink');\n")
+    plain = ("\\set id random(1, 1000000)\n"
+             "INSERT INTO bench.plain (status, transport, sender, recipients, subject, body, message_id, created_by) "
+             f"VALUES ('queued', 'sink', 'Bench <bench@example.org>', ARRAY['user' || :id || '@example.org'], 'Hello', '{BODY_1K}', "
+             "'<' || gen_random_uuid() || '@example.org>', current_user);\n")
+    ours, base = [], []
+    for _ in range(REPS):
+        reset()
+        ours.append(pgbench(send))
+        reset()
+        base.append(pgbench(plain))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(1, "enqueue, pgbench 4 clients, email.send 1 recipient 1 KB", round(o), "tx/s", round(b), round(o / b, 2), "ratio ≥ 0.70", o / b >= 0.70)
+
+
+def timed(q):
+    t = time.monotonic()
+    sql(q)
+    return time.monotonic() - t
+
+
+def bench_bulk():
+    log("2. bulk enqueue 100,000")
+    n = 100_000
+    ours, base = [], []
+    for _ in range(REPS):
+        reset()
+        ours.append(n / timed(f"SELECT count(email.send(recipients => 'user' || i || '@example.org', subject => 'Hello', body => '{BODY_1K}', transport => 'sink')) FROM generate_series(1, {n}) i"))
+        reset()
+        base.append(n / timed("INSERT INTO bench.plain (status, transport, sender, recipients, subject, body, message_id, created_by) "
+                              f"SELECT 'queued', 'sink', 'Bench <bench@example.org>', ARRAY['user' || i || '@example.org'], 'Hello', '{BODY_1K}', "
+                              f"'<' || gen_random_uuid() || '@example.org>', current_user FROM generate_series(1, {n}) i"))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(2, "bulk enqueue, email.send over generate_series(1, 100000)", round(o), "rows/s", round(b), round(o / b, 2), "ratio ≥ 0.50", o / b >= 0.50)
+
+
+def enqueue(n, transport, body=BODY_2K, chunk=100_000):
+    done = 0
+    while done < n:
+        k = min(chunk, n - done)
+        sql(f"SELECT count(email.send(recipients => 'user' || i || '@example.org', subject => 'Bench ' || i, body => %s, transport => '{transport}')) FROM generate_series(1, {k}) i", body)
+        done += k
+
+
+def drain(until_sent, timeout=600):
+    """Unpauses, waits until `until_sent` messages are sent, pauses; returns seconds."""
+    set_conf(paused="off")
+    t = time.monotonic()
+    while True:
+        sent = val("SELECT count(*) FROM email.messages WHERE status = 'sent'")
+        if sent >= until_sent:
+            el = time.monotonic() - t
+            break
+        if time.monotonic() - t > timeout:
+            raise RuntimeError(f"drain stalled at {sent}")
+        time.sleep(0.02)
+    set_conf(paused="on")
+    return el
+
+
+def wait_idle():
+    while val("SELECT count(*) FROM email.messages WHERE status = 'sending'"):
+        time.sleep(0.05)
+
+
+def smtp_source(n, conns):
+    t = time.monotonic()
+    subprocess.run(["/usr/sbin/smtp-source", "-d", "-s", str(conns), "-m", str(n), "-l", "2048", "-f", "bench@example.org",
+                    "-t", "user@example.org", f"127.0.0.1:{SINK_PORT}"], check=True, capture_output=True)
+    return n / (time.monotonic() - t)
+
+
+def bench_smtp_drain():
+    log("3. SMTP drain of 50,000 2 KB messages to smtp-sink")
+    n, conns = 50_000, 16
+    ours, base = [], []
+    for _ in range(REPS):
+        reset()
+        enqueue(n, "sink")
+        ours.append(n / drain(n))
+        wait_idle()
+        base.append(smtp_source(n, conns))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(3, f"SMTP drain, 50,000 × 2 KB to smtp-sink ({conns} connections)", round(o), "msg/s", round(b), round(o / b, 2),
+           "≥ 5,000 msg/s and ratio ≥ 0.30", o >= 5000 and o / b >= 0.30)
+
+
+def start_nginx():
+    d = os.path.join(DIR, "nginx")
+    os.makedirs(d, exist_ok=True)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_buffer_size 64k;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{HTTP_PORT};
+        location = /emails {{ default_type application/json; return 200 '{{"id":"4ef9a417-02e9-4d39-ad75-9611e0fcc33c"}}'; }}
+    }}
+}}
+""")
+    subprocess.run(["nginx", "-c", conf], check=True)
+    return conf
+
+
+def bench_http_drain():
+    log("4. HTTP drain of 20,000 messages through the Resend transport to nginx")
+    n = 20_000
+    lua = os.path.join(DIR, "post.lua")
+    payload = json.dumps({"from": "Bench <bench@example.org>", "to": ["user@example.org"], "subject": "Bench", "text": BODY_2K})
+    with open(lua, "w") as f:
+        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(payload)}\nwrk.headers["Content-Type"] = "application/json"\n'
+                'wrk.headers["Authorization"] = "Bearer k"\n')
+    ours, base = [], []
+    for _ in range(REPS):
+        reset()
+        enqueue(n, "http")
+        ours.append(n / drain(n))
+        wait_idle()
+        out = subprocess.run(["wrk", "-t", "2", "-c", "32", "-d", "5s", "-s", lua, f"http://127.0.0.1:{HTTP_PORT}/emails"],
+                             check=True, capture_output=True, text=True).stdout
+        base.append(float(next(l for l in out.splitlines() if l.startswith("Requests/sec")).split()[1]))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(4, "HTTP drain, 20,000 via resend+api to a local nginx", round(o), "msg/s", round(b), round(o / b, 2), "≥ 3,000 msg/s", o >= 3000)
+
+
+def bench_latency():
+    log("5. latency from commit to acceptance, 2,000 sends 20 ms apart")
+    srv = AioSmtp(LAT_PORT)
+    srv.start()
+    class Stamped(list):
+        def append(self, m):
+            m["at"] = time.monotonic()
+            super().append(m)
+
+    srv.messages = Stamped()
+    try:
+        reset()
+        set_conf(paused="off")
+        conn = connect()
+        sent = {}
+        with conn.cursor() as cur:
+            for i in range(2000):
+                cur.execute("SELECT email.send(recipients => 'lat@example.org', subject => 'lat', body => 'x', transport => 'lat')")
+                mid = cur.fetchone()[0]
+                sent[mid] = time.monotonic()  # autocommit: the commit has returned
+                time.sleep(0.02)
+        conn.close()
+        deadline = time.monotonic() + 30
+        while len(srv.messages) < 2000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ids = dict(sql("SELECT id, message_id FROM email.messages"))
+        arrived = {}
+        for m in list(srv.messages):
+            for line in m["data"].split(b"\r\n"):
+                if line.lower().startswith(b"message-id:"):
+                    arrived[line.split(b":", 1)[1].strip().decode()] = m["at"]
+        lat = sorted((arrived[ids[i]] - t) * 1000 for i, t in sent.items() if ids.get(i) in arrived)
+        p50 = lat[len(lat) // 2]
+        p99 = lat[int(len(lat) * 0.99) - 1]
+        record(5, "latency commit → accepted by the SMTP sink (2,000 sends, 20 ms apart)", round(p50, 2), "ms p50", None, None,
+               "p50 ≤ 5 ms, p99 ≤ 25 ms", p50 <= 5 and p99 <= 25, {"p99_ms": round(p99, 2), "delivered": len(lat)})
+        results[-1]["value_text"] = f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+    finally:
+        set_conf(paused="on")
+        srv.stop()
+
+
+def bench_queue_size():
+    log("6. drain rate with 1,000,000 queued vs 10,000 queued")
+    n = 10_000
+    small, large = [], []
+    reset()
+    for _ in range(REPS):
+        sql("TRUNCATE email.messages, email.receipts CASCADE")
+        enqueue(n, "sink")
+        small.append(n / drain(n))
+        wait_idle()
+    reset()
+    enqueue(1_000_000, "sink")
+    sql("VACUUM ANALYZE email.messages")
+    base_sent = 0
+    for _ in range(REPS):
+        large.append(n / drain(base_sent + n))
+        wait_idle()
+        base_sent = val("SELECT count(*) FROM email.messages WHERE status = 'sent'")
+    s, l = statistics.median(small), statistics.median(large)
+    record(6, "drain rate with 1,000,000 queued vs 10,000 queued", round(l), "msg/s", round(s), round(l / s, 2), "ratio ≥ 0.80", l / s >= 0.80)
+
+
+def worker_rss():
+    pids = [r[0] for r in sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")]
+    total = 0
+    for p in pids:
+        with open(f"/proc/{p}/status") as f:
+            total = max(total, next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")))
+    return total, pids
+
+
+def bench_rss():
+    log("7. worker RSS growth over 200,000 messages")
+    reset()
+    enqueue(10_000, "sink")
+    drain(10_000)  # warm up: pools, plans, caches
+    wait_idle()
+    before, pids = worker_rss()
+    enqueue(200_000, "sink")
+    drain(210_000)
+    wait_idle()
+    after, pids2 = worker_rss()
+    assert pids == pids2, "a worker restarted during the run"
+    growth = (after - before) / 1024
+    record(7, "worker RSS growth over 200,000 messages", round(growth, 1), "MB", None, None, "≤ 20 MB", growth <= 20,
+           {"rss_before_mb": round(before / 1024, 1), "rss_after_mb": round(after / 1024, 1)})
+
+
+def bench_templates():
+    log("8. template renders/s")
+    sql("DELETE FROM email.templates")
+    sql("""INSERT INTO email.templates (name, subject, body, html) VALUES
+        ('b_layout', '[Shop] {% block s %}{% endblock %}', '{% block b %}{% endblock %}\n-- {% include "b_footer" %}',
+         '<html><body>{% block b %}{% endblock %}{% include "b_footer" %}</body></html>'),
+        ('b_footer', 'x', 'The Shop, 1 Main St', '<footer>The Shop, 1 Main St</footer>')""")
+    sql("""INSERT INTO email.templates (name, subject, body, html) VALUES ('b_order',
+        '{% extends "b_layout" %}{% block s %}Order {{ order.id }}{% endblock %}',
+        '{% extends "b_layout" %}{% block b %}Hi {{ name }},\n{% for i in order.items %}- {{ i.name }} × {{ i.qty }} = {{ i.price }}\n{% endfor %}{% endblock %}',
+        '{% extends "b_layout" %}{% block b %}<p>Hi {{ name }}</p><table>{% for i in order.items %}<tr><td>{{ i.name }}</td><td>{{ i.qty }}</td><td>{{ i.price }}</td></tr>{% endfor %}</table>{% endblock %}')""")
+    data = json.dumps({"name": "Ada <Lovelace>", "order": {"id": 42, "items": [{"name": f"item {k}", "qty": k, "price": f"{k * 3.5:.2f}"} for k in range(20)]}})
+    n = 20_000
+    rates = []
+    for _ in range(REPS):
+        t = time.monotonic()
+        sql(f"SELECT count(*) FROM generate_series(1, {n}) g, LATERAL email.render('b_order', %s::jsonb)", data)
+        rates.append(n / (time.monotonic() - t))
+    record(8, "template renders/s (layout + include + 20-item loop, subject+text+html)", round(statistics.median(rates)), "renders/s",
+           None, None, "report", None)
+
+
+def main():
+    global DB
+    os.makedirs(DIR, exist_ok=True)
+    start_cluster()
+    nginx_conf = None
+    sink = None
+    try:
+        DB = connect()
+        sql("CREATE EXTENSION pg_email")
+        sql("CREATE SCHEMA bench")
+        sql("CREATE TABLE bench.plain (LIKE email.messages INCLUDING DEFAULTS INCLUDING INDEXES INCLUDING IDENTITY)")
+        sink = subprocess.Popen(["/usr/sbin/smtp-sink", "-u", "postfix", f"127.0.0.1:{SINK_PORT}", "4096"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        nginx_conf = start_nginx()
+        sql(f"SELECT email.add_transport('sink', 'smtp://127.0.0.1:{SINK_PORT}?tls=none&max_connections=8')")
+        sql(f"SELECT email.add_transport('http', 'resend+api://k@127.0.0.1:{HTTP_PORT}?scheme=http&max_connections=32')")
+        sql(f"SELECT email.add_transport('lat', 'smtp://127.0.0.1:{LAT_PORT}?tls=none')")
+        only = set(sys.argv[1:])
+        for n, fn in enumerate([bench_enqueue, bench_bulk, bench_smtp_drain, bench_http_drain, bench_latency,
+                                bench_queue_size, bench_rss, bench_templates], 1):
+            if not only or str(n) in only:
+                fn()
+    finally:
+        if sink:
+            sink.terminate()
+        if nginx_conf:
+            subprocess.run(["nginx", "-c", nginx_conf, "-s", "stop"], capture_output=True)
+        subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "stop", DIR])
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, {platform.platform()}"
+    print(f"\npg_email bench — {time.strftime('%Y-%m-%d %H:%M')} — {machine}\n")
+    print("| # | figure | value | same-run baseline | ratio | target | met |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        value = r.get("value_text") or f"{r['value']:,} {r['unit']}"
+        base = f"{r['baseline']:,}" if r["baseline"] is not None else "—"
+        ratio = r["ratio"] if r["ratio"] is not None else "—"
+        met = {True: "yes", False: "**no**", None: "—"}[r["met"]]
+        print(f"| {r['n']} | {r['figure']} | {value} | {base} | {ratio} | {r['target']} | {met} |")
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    path = os.path.join(ROOT, "bench", "results", time.strftime("%Y%m%d-%H%M%S") + ".json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}, f, indent=2)
+    print(f"\nwritten to {os.path.relpath(path, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
