@@ -27,25 +27,29 @@ pub(crate) fn library() -> Arc<Library> {
     LIBRARY.with(|cell| {
         let mut c = cell.borrow_mut();
         if c.0 != fp {
-            let lib: Library = Spi::connect(|client| {
-                client
-                    .select(LOAD, None, &[])
-                    .unwrap_or_else(|e| spi_failed(e))
-                    .map(|r| {
-                        (
-                            r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                            Parts {
-                                subject: r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                                body: r.get::<String>(3).ok().flatten(),
-                                html: r.get::<String>(4).ok().flatten(),
-                            },
-                        )
-                    })
-                    .collect()
-            });
-            *c = (fp, Arc::new(lib));
+            *c = (fp, Arc::new(read_library()));
         }
         c.1.clone()
+    })
+}
+
+/// Reads every current template (in the caller's transaction; the worker opens its own).
+pub(crate) fn read_library() -> Library {
+    Spi::connect(|client| {
+        client
+            .select(LOAD, None, &[])
+            .unwrap_or_else(|e| spi_failed(e))
+            .map(|r| {
+                (
+                    r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                    Parts {
+                        subject: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                        body: r.get::<String>(3).ok().flatten(),
+                        html: r.get::<String>(4).ok().flatten(),
+                    },
+                )
+            })
+            .collect()
     })
 }
 

@@ -225,6 +225,7 @@ impl Worker {
                 return;
             }
         }
+        queue::configure_session();
         let released = queue::reap(Some(self.slot));
         if released > 0 {
             log!("pg_email worker {}: requeued {released} messages left claimed by its previous run", self.slot);

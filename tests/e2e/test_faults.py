@@ -227,7 +227,7 @@ def proc_stat(pid):
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / ticks
     with open(f"/proc/{pid}/status") as f:
-        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        rss = next(int(l.split()[1]) for l in f if l.startswith("RssAnon:"))
     return cpu, rss
 
 
