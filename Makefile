@@ -7,6 +7,10 @@ E2E_DIR := $(CURDIR)/.e2e
 E2E_PORT ?= 5499
 PGRX_TEST_DIR := /var/tmp/pg_email-pgrx-tests
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+# Property tests explore with a fixed seed in `make test`, so a run is reproducible;
+# `make test PROPTEST_RNG_SEED=` explores with a random one.
+PROPTEST_RNG_SEED ?= 20261123
+export PROPTEST_RNG_SEED
 
 DEB_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config sudo \
 	postfix python3-aiosmtpd python3-dkim python3-psycopg2 python3-pytest python3-botocore swaks \

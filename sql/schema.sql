@@ -61,6 +61,10 @@ CREATE TABLE email.messages (
     sent_at             timestamptz,
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
+-- A queue table churns: every message is updated twice on its way out. Vacuum it early, so the
+-- partial indexes the worker walks do not fill with dead entries.
+ALTER TABLE email.messages SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000,
+                                autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0.02);
 -- The worker's claim: due queued rows, best priority first. Partial, so it holds only the queue.
 CREATE INDEX messages_due ON email.messages (priority DESC, next_attempt_at) WHERE status = 'queued';
 -- The next due time, for the worker's sleep.

@@ -199,9 +199,28 @@ pub fn parse_mailbox(field: &str, input: &str) -> Result<Mailbox, FieldError> {
     Ok(list.remove(0))
 }
 
-/// The canonical text stored for a mailbox: `"Doe, Jane" <j@x.org>` or `a@x.org`.
+/// The canonical text stored for a mailbox: `"Doe, Jane" <j@x.org>` or `a@x.org`. It parses
+/// back to the same mailbox: a name is left bare only when it is words of RFC 5322 atext joined
+/// by single spaces, and quoted otherwise (lettre's own form drops doubled spaces on the way
+/// back).
 pub fn mailbox_text(mb: &Mailbox) -> String {
-    mb.to_string()
+    let Some(name) = mb.name.as_deref().filter(|n| !n.trim().is_empty()) else {
+        return mb.email.to_string();
+    };
+    let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    if name.split(' ').all(|w| !w.is_empty() && w.chars().all(atext)) {
+        return format!("{name} <{}>", mb.email);
+    }
+    let mut quoted = String::with_capacity(name.len() + 2);
+    quoted.push('"');
+    for c in name.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    format!("{quoted} <{}>", mb.email)
 }
 
 /// The lower-cased bare address, as stored in `email.suppressions`.

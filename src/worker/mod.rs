@@ -233,6 +233,7 @@ impl Worker {
         self.reload_routes(true);
 
         let mut maybe_due = true;
+        let mut backlog = false;
         let mut last_tick = Instant::now();
         let mut last_purge = Instant::now();
         loop {
@@ -263,8 +264,9 @@ impl Worker {
             let worth = self.in_flight.is_empty() || free >= (max / 4).clamp(1, gucs::batch_size());
             if maybe_due && free > 0 && worth && !gucs::paused() {
                 let want = free.min(gucs::batch_size());
-                let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot);
+                let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot, backlog);
                 maybe_due = jobs.len() == want;
+                backlog = maybe_due;
                 if jobs.iter().any(|j| j.template.is_some()) {
                     self.reload_templates();
                 }

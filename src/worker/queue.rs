@@ -12,6 +12,7 @@ use crate::message::{Attachment, Stored};
 use crate::render::{Library, Parts};
 
 const CLAIM: &str = include_str!("../../sql/worker/claim.sql");
+const CLAIM_WINDOW: &str = include_str!("../../sql/worker/claim_window.sql");
 const COMPLETE: &str = include_str!("../../sql/worker/complete.sql");
 const RECEIPTS: &str = include_str!("../../sql/worker/receipts.sql");
 const MAINTAIN: &str = include_str!("../../sql/worker/maintain.sql");
@@ -68,12 +69,20 @@ pub fn extension_ready() -> bool {
     })
 }
 
-/// Claims up to `limit` due rows, with their attachments.
-pub fn claim(limit: usize, lease_ms: f64, slot: i32) -> Vec<Job> {
+/// Claims up to `limit` due rows, with their attachments. `backlog` says the last claim came
+/// back full: walk the priority index; otherwise take the batch from a window of the oldest
+/// due rows, which stays cheap however many rows wait for a later time.
+pub fn claim(limit: usize, lease_ms: f64, slot: i32, backlog: bool) -> Vec<Job> {
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            let args: Vec<DatumWithOid> = vec![(limit as i64).into(), lease_ms.into(), slot.into()];
-            let rows = spi(client.update(CLAIM, None, &args));
+            let mut args: Vec<DatumWithOid> = vec![(limit as i64).into(), lease_ms.into(), slot.into()];
+            let sql = if backlog {
+                CLAIM
+            } else {
+                args.push(((limit * 4).max(1000) as i64).into());
+                CLAIM_WINDOW
+            };
+            let rows = spi(client.update(sql, None, &args));
             let mut jobs = Vec::with_capacity(rows.len());
             let mut with_files = Vec::new();
             for row in rows {
