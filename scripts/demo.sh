@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DIR=$PWD/.demo; PORT=${DEMO_PORT:-5498}; OUT=$PWD/demo-out
 scripts/cluster.sh start "$DIR" "$PORT" demo "pg_email.default_sender = 'pg_email demo <demo@example.org>'" \
     "pg_email.poll_interval = '500ms'"
-mkdir -p "$OUT"; chown postgres:postgres "$OUT"
+rm -rf "$OUT"; mkdir -p "$OUT"; chown postgres:postgres "$OUT"
 DSN=${SMTP_DSN:-file://$OUT}
 psql() { command psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d demo "$@"; }
 
