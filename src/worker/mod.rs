@@ -270,6 +270,10 @@ impl Worker {
                 if jobs.iter().any(|j| j.template.is_some()) {
                     self.reload_templates();
                 }
+                // A transport added since the last tick: look once per batch, not per message.
+                if jobs.iter().any(|j| !self.routes.contains_key(&j.transport)) {
+                    self.reload_routes(true);
+                }
                 for job in jobs {
                     self.start(job);
                 }
@@ -338,9 +342,6 @@ impl Worker {
             duration: Duration::ZERO,
             delivery: Delivery::Permanent { reply: Reply::new(None, reply), rejected: Vec::new() },
         };
-        if !self.routes.contains_key(&job.transport) {
-            self.reload_routes(true);
-        }
         let Some(route) = self.routes.get(&job.transport) else {
             let o = failed(format!("transport \"{}\" does not exist or cannot be built", job.transport));
             self.done.push((o, None));

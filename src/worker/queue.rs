@@ -11,8 +11,9 @@ use crate::deliver::outcome::Plan;
 use crate::message::{Attachment, Stored};
 use crate::render::{Library, Parts};
 
-const CLAIM: &str = include_str!("../../sql/worker/claim.sql");
-const CLAIM_WINDOW: &str = include_str!("../../sql/worker/claim_window.sql");
+const CLAIM: &str = concat!(include_str!("../../sql/worker/claim.sql"), include_str!("../../sql/worker/claim_update.sql"));
+const CLAIM_WINDOW: &str =
+    concat!(include_str!("../../sql/worker/claim_window.sql"), include_str!("../../sql/worker/claim_update.sql"));
 const COMPLETE: &str = include_str!("../../sql/worker/complete.sql");
 const RECEIPTS: &str = include_str!("../../sql/worker/receipts.sql");
 const MAINTAIN: &str = include_str!("../../sql/worker/maintain.sql");

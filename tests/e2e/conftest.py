@@ -72,6 +72,21 @@ class Db:
             time.sleep(0.02)
 
 
+def worker_pids(db):
+    """Pids of the running pg_email workers."""
+    return [r[0] for r in db.all("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")]
+
+
+def fresh(db="mail"):
+    """A new connection, retried while the server restarts."""
+    for _ in range(300):
+        try:
+            return Db(connect(db))
+        except psycopg2.OperationalError:
+            time.sleep(0.1)
+    raise AssertionError("server did not come back")
+
+
 def server_log():
     with open(os.path.join(CLUSTER_DIR, "server.log"), errors="replace") as f:
         return f.read()

@@ -13,7 +13,7 @@ import uuid
 import psycopg2
 import pytest
 
-from conftest import CLUSTER_DIR, E2E_DIR, Db, connect, server_log
+from conftest import CLUSTER_DIR, E2E_DIR, Db, connect, fresh, server_log, worker_pids
 from servers import SmtpSink
 
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -31,17 +31,6 @@ DOCUMENTED = {
 }
 
 
-def worker_pids(db):
-    return [r[0] for r in db.all("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")]
-
-
-def fresh(db="mail"):
-    for _ in range(300):
-        try:
-            return Db(connect(db))
-        except psycopg2.OperationalError:
-            time.sleep(0.1)
-    raise AssertionError("server did not come back")
 
 
 def test_crash_under_load(mail):

@@ -13,7 +13,7 @@ import uuid
 import psycopg2
 import pytest
 
-from conftest import Db, connect, E2E_DIR, CLUSTER_DIR
+from conftest import CLUSTER_DIR, E2E_DIR, Db, connect, fresh, worker_pids
 from servers import AioSmtp, Blackhole, Postfix, SmtpSink, make_ca
 
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -245,9 +245,6 @@ def test_server_down_then_up_delivers_everything(mail):
     assert "connect" in mail.val("SELECT response FROM email.receipts WHERE message_id = %s AND event = 'deferred' LIMIT 1", ids[0])
 
 
-def worker_pids(db):
-    return [r[0] for r in db.all("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")]
-
 
 def test_silent_server_times_out_others_keep_going_and_sigterm_is_prompt(mail):
     with Blackhole(26531):
@@ -279,14 +276,6 @@ def test_silent_server_times_out_others_keep_going_and_sigterm_is_prompt(mail):
         mail.wait("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'pg_email worker'", timeout=10)
         mail.all("UPDATE email.messages SET status = 'cancelled' WHERE id IN (%s, %s)", stuck, stuck2)
 
-
-def fresh(db="mail"):
-    for _ in range(200):
-        try:
-            return Db(connect(db))
-        except psycopg2.OperationalError:
-            time.sleep(0.1)
-    raise AssertionError("server did not come back")
 
 
 def val_retry(q, *args):
