@@ -218,6 +218,14 @@ def _load_json(rec):
     return True, value
 
 
+def _is_name_value(h):
+    """A {Name, Value} header object of single-line strings (Postmark and SES Simple)."""
+    return (isinstance(h, dict) and not set(h) - {"Name", "Value"}
+            and isinstance(h.get("Name"), str) and bool(h["Name"])
+            and isinstance(h.get("Value"), str)
+            and not _has_crlf(h["Name"]) and not _has_crlf(h["Value"]))
+
+
 def _has_crlf(s):
     return isinstance(s, str) and ("\r" in s or "\n" in s)
 
@@ -573,12 +581,8 @@ class _Postmark:
         if hs is not None:
             if not isinstance(hs, list):
                 raise self.bad("The 'Headers' field must be an array of {Name, Value} objects.")
-            for h in hs:
-                if (not isinstance(h, dict) or set(h) - {"Name", "Value"}
-                        or not isinstance(h.get("Name"), str) or not h["Name"]
-                        or not isinstance(h.get("Value"), str)
-                        or _has_crlf(h["Name"]) or _has_crlf(h["Value"])):
-                    raise self.bad("Each header must be an object {Name, Value} of strings.")
+            if not all(_is_name_value(h) for h in hs):
+                raise self.bad("Each header must be an object {Name, Value} of strings.")
         atts = m.get("Attachments")
         if atts is not None:
             if not isinstance(atts, list):
@@ -1258,12 +1262,8 @@ class _SES:
         if hs is not None:
             if not isinstance(hs, list) or len(hs) > 15:
                 raise self.bad("Content.Simple.Headers must be a list of at most 15 {Name, Value}.")
-            for h in hs:
-                if (not isinstance(h, dict) or set(h) - {"Name", "Value"}
-                        or not isinstance(h.get("Name"), str) or not h["Name"]
-                        or not isinstance(h.get("Value"), str)
-                        or _has_crlf(h["Name"]) or _has_crlf(h["Value"])):
-                    raise self.bad("Each header must be an object {Name, Value} of strings.")
+            if not all(_is_name_value(h) for h in hs):
+                raise self.bad("Each header must be an object {Name, Value} of strings.")
         atts = s.get("Attachments")
         if atts is not None:
             if not isinstance(atts, list):
