@@ -16,7 +16,7 @@ DEB_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib clang 
 	postfix python3-aiosmtpd python3-dkim python3-psycopg2 python3-pytest python3-botocore swaks \
 	ca-certificates openssl libssl-dev
 
-.PHONY: deps build install test unit pgtest e2e demo bench clean-e2e
+.PHONY: deps build install test lint pgtest e2e demo bench clean-e2e
 
 deps: .deps-stamp
 .deps-stamp: Makefile
@@ -35,12 +35,22 @@ deps: .deps-stamp
 build: deps
 	cargo build --release
 
+# cargo pgrx installs the current version's script and the upgrade scripts (sql/pg_email--A--B.sql);
+# the install scripts of released versions are kept in sql/released/, so that a database can still
+# be created at an old version and updated (tests/e2e/test_upgrade.py does).
 install: deps
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
+	install -m 644 sql/released/pg_email--*.sql "$$($(PG_CONFIG) --sharedir)/extension/"
 
-# Every test there is: unit tests and #[pg_test]s (one cargo pgrx test run), then the
-# end-to-end suite against a cluster started here with the worker preloaded.
-test: deps pgtest e2e
+# Every test there is: the lint gates, unit tests and #[pg_test]s (one cargo pgrx test run), then
+# the end-to-end suite (with the golden SQL files of tests/pg_regress) against a cluster started
+# here with the worker preloaded.
+test: deps lint pgtest e2e
+
+# The style gates: formatting (rustfmt.toml) and clippy with every warning an error.
+lint: deps
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
 
 pgtest: deps
 	mkdir -p $(PGRX_TEST_DIR) && chown postgres:postgres $(PGRX_TEST_DIR)

@@ -1,7 +1,10 @@
 -- pg_email: views, triggers, row-level security, privileges and pg_dump registration.
 -- Runs last in CREATE EXTENSION, after the Rust functions exist.
 
--- Template versions: every change bumps the version and keeps a copy.
+-- Template versions: every change bumps the version, and the saved row is kept as a copy.
+-- BEFORE: decide the version and check the syntax. Nothing is written here, because in
+-- INSERT ... ON CONFLICT (name) DO UPDATE the BEFORE INSERT trigger runs for a row that then
+-- goes to the UPDATE arm instead; only the row actually written is recorded, AFTER.
 CREATE FUNCTION email._template_version() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
 BEGIN
@@ -12,6 +15,7 @@ BEGIN
         END IF;
         IF (NEW.subject, NEW.body, NEW.html) IS NOT DISTINCT FROM (OLD.subject, OLD.body, OLD.html) THEN
             NEW.version := OLD.version;
+            NEW.updated_at := OLD.updated_at;
             RETURN NEW;
         END IF;
         NEW.version := OLD.version + 1;
@@ -25,13 +29,25 @@ BEGIN
     END IF;
     PERFORM email._check_template(NEW.name, NEW.subject, NEW.body, NEW.html);
     NEW.updated_at := now();
-    INSERT INTO email.template_versions (name, version, subject, body, html)
-    VALUES (NEW.name, NEW.version, NEW.subject, NEW.body, NEW.html);
     RETURN NEW;
 END $$;
 
 CREATE TRIGGER templates_version BEFORE INSERT OR UPDATE ON email.templates
     FOR EACH ROW EXECUTE FUNCTION email._template_version();
+
+-- AFTER: keep a copy of every version actually saved (an unchanged save keeps its version,
+-- which is already stored; a restored row finds its version already there).
+CREATE FUNCTION email._template_version_saved() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    INSERT INTO email.template_versions (name, version, subject, body, html)
+    VALUES (NEW.name, NEW.version, NEW.subject, NEW.body, NEW.html)
+    ON CONFLICT (name, version) DO NOTHING;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER templates_version_saved AFTER INSERT OR UPDATE ON email.templates
+    FOR EACH ROW EXECUTE FUNCTION email._template_version_saved();
 
 -- A template that another one extends or includes cannot be deleted: queued mail rendered
 -- through that layout would break. (Every version of every template stays in
@@ -132,3 +148,68 @@ SELECT pg_catalog.pg_extension_config_dump('email.captured', '');
 SELECT pg_catalog.pg_extension_config_dump('email.captured_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('email.templates', '');
 SELECT pg_catalog.pg_extension_config_dump('email.template_versions', '');
+
+-- What each object is for, as \d+ and \df+ show it.
+COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
+COMMENT ON FUNCTION email._is_finished(email.status) IS 'True for the statuses a message does not leave by itself; the one definition used by indexes, email.purge and the retention purge.';
+
+COMMENT ON TABLE email.transports IS 'Named transports (SMTP, provider APIs, file, capture). Register or replace them with email.add_transport; the DSN shown here has its secret replaced by ***.';
+COMMENT ON COLUMN email.transports.kind IS 'What the DSN selects: smtp, sendgrid, postmark, resend, mailgun, ses, file or capture.';
+COMMENT ON COLUMN email.transports.dsn IS 'The DSN with every secret replaced by ***; the full DSN is in email.transport_secrets.';
+COMMENT ON COLUMN email.transports.is_default IS 'The transport email.send uses when the call names none; at most one.';
+COMMENT ON COLUMN email.transports.fallback IS 'The transport a message moves to when this one fails transiently or is unreachable.';
+COMMENT ON COLUMN email.transports.sender IS 'The from= option of the DSN: the sender used when a call gives none.';
+COMMENT ON TABLE email.transport_secrets IS 'The full DSN of each transport, secrets included; readable by the extension owner only. pg_dump includes it: exclude it with --exclude-table-data=email.transport_secrets when a dump leaves the trusted host.';
+
+COMMENT ON TABLE email.messages IS 'The outbox: one row per message queued with email.send or email.send_template, in exactly one status at a time.';
+COMMENT ON COLUMN email.messages.recipients IS 'The To list, one "Name <address>" per element (suppressed addresses removed at enqueue, unless all were).';
+COMMENT ON COLUMN email.messages.template IS 'For template mail: the template name; subject, body and html are rendered when the message is sent.';
+COMMENT ON COLUMN email.messages.template_version IS 'The version of the template pinned when the message was queued.';
+COMMENT ON COLUMN email.messages.data IS 'For template mail: the JSON object the template is rendered with.';
+COMMENT ON COLUMN email.messages.headers IS 'Custom headers, a JSON object of name: value.';
+COMMENT ON COLUMN email.messages.priority IS 'Higher goes first among due messages.';
+COMMENT ON COLUMN email.messages.send_at IS 'The earliest time the message may be sent.';
+COMMENT ON COLUMN email.messages.idempotency_key IS 'The same key again returns this message''s id and queues nothing.';
+COMMENT ON COLUMN email.messages.message_id IS 'The RFC 5322 Message-ID, fixed at enqueue: every attempt, and any duplicate after a crash, carries it.';
+COMMENT ON COLUMN email.messages.provider_message_id IS 'The id the provider or the receiving server gave the message, when it gave one.';
+COMMENT ON COLUMN email.messages.attempts IS 'Delivery attempts started so far (a claim counts one).';
+COMMENT ON COLUMN email.messages.next_attempt_at IS 'When a queued message is due (send_at, then the retry time after a transient failure).';
+COMMENT ON COLUMN email.messages.lease_until IS 'While sending: when the claim expires and the message becomes due again (a crashed worker).';
+COMMENT ON COLUMN email.messages.claimed_by IS 'While sending: the worker slot that claimed the message.';
+COMMENT ON COLUMN email.messages.pending_recipients IS 'After a partial delivery: the recipients still to deliver to (NULL: all).';
+COMMENT ON COLUMN email.messages.attachment_count IS 'How many rows of email.attachments belong to the message.';
+COMMENT ON COLUMN email.messages.last_error IS 'The last failure''s reply, for a message that is retried or failed.';
+COMMENT ON COLUMN email.messages.created_by IS 'The role that queued the message; row-level security shows each role its own messages.';
+COMMENT ON COLUMN email.messages.sent_at IS 'When a recipient first accepted the message.';
+
+COMMENT ON TABLE email.receipts IS 'One row per delivery attempt and per later event of a message, with the reply that decided it.';
+COMMENT ON COLUMN email.receipts.event IS 'sent, deferred, failed, bounced, suppressed, cancelled, delivered, opened, clicked, complained or unsubscribed.';
+COMMENT ON COLUMN email.receipts.recipient IS 'The recipient the event is about (NULL: the whole message).';
+COMMENT ON COLUMN email.receipts.smtp_code IS 'The SMTP reply code, or the HTTP status of a provider API.';
+COMMENT ON COLUMN email.receipts.enhanced_code IS 'The RFC 3463 enhanced status code (e.g. 5.1.1), when there is one.';
+COMMENT ON COLUMN email.receipts.provider_code IS 'A provider API''s own error code or name (Postmark ErrorCode, Resend error name, SES error type).';
+COMMENT ON COLUMN email.receipts.response IS 'The reply text, with any secret of the transport replaced by ***.';
+COMMENT ON COLUMN email.receipts.duration_ms IS 'How long the attempt took.';
+
+COMMENT ON TABLE email.suppressions IS 'Addresses mail is never sent to: recipients on it are dropped at enqueue. Hard bounces (RFC 3463 5.1.x) add rows; so can you.';
+COMMENT ON COLUMN email.suppressions.address IS 'The bare address, lower-cased.';
+COMMENT ON COLUMN email.suppressions.reason IS 'bounced, complained, unsubscribed or manual.';
+COMMENT ON COLUMN email.suppressions.message_id IS 'The message whose outcome added the address, if any.';
+
+COMMENT ON TABLE email.attachments IS 'Decoded attachments of queued messages, in order.';
+COMMENT ON TABLE email.captured IS 'What the capture:// transport "sent": the final message bytes and the envelope; nothing left the database.';
+COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax and bumps version when the content changed; every version is kept in email.template_versions.';
+COMMENT ON COLUMN email.templates.version IS 'The current version; set by the trigger, not by you.';
+COMMENT ON TABLE email.template_versions IS 'Every saved version of every template; queued template mail renders the version it pinned.';
+
+COMMENT ON VIEW email.queue_summary IS 'Messages per status and transport, how many are due, and the age of the oldest due message.';
+COMMENT ON VIEW email.daily_stats IS 'Outcome counts per day and transport, from the receipts.';
+
+COMMENT ON FUNCTION email.send IS 'Queues one message in the caller''s transaction and returns its id; validates every argument and names the field at fault. Sent by the worker after commit.';
+COMMENT ON FUNCTION email.send_template IS 'Queues one message rendered from a stored template (the current version is pinned) and returns its id.';
+COMMENT ON FUNCTION email.render IS 'Renders the current version of a stored template with data, exactly as the worker would: a preview.';
+COMMENT ON FUNCTION email.add_transport IS 'Registers or replaces a named transport from a DSN (smtp://, smtps://, sendgrid+api://, postmark+api://, resend+api://, mailgun+api://, ses+api://, file://, capture://).';
+COMMENT ON FUNCTION email.cancel IS 'Cancels a message that is still queued; true if it was.';
+COMMENT ON FUNCTION email.retry IS 'Requeues a failed or bounced message for a fresh series of attempts; true if it was.';
+COMMENT ON FUNCTION email.purge IS 'Deletes finished messages (with their receipts, attachments and captures) created longer ago than the interval; returns how many.';
+COMMENT ON FUNCTION email.worker_status IS 'One row per delivery worker: pid, state, messages in flight, totals since start, last activity.';

@@ -5,6 +5,12 @@ CREATE TYPE email.status AS ENUM (
     'queued', 'sending', 'sent', 'delivered', 'bounced', 'failed', 'cancelled', 'suppressed'
 );
 
+-- The statuses a message does not leave by itself: the one definition of "finished", used by
+-- the index below, email.purge and the worker's retention purge.
+CREATE FUNCTION email._is_finished(status email.status) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN status IN ('sent', 'delivered', 'bounced', 'failed', 'cancelled', 'suppressed');
+
 -- Transports: the public half. The DSN shown here has its secret replaced by ***.
 CREATE TABLE email.transports (
     name        text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
@@ -15,7 +21,9 @@ CREATE TABLE email.transports (
     sender      text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
-    CHECK (fallback IS DISTINCT FROM name)
+    CHECK (fallback IS DISTINCT FROM name),
+    CONSTRAINT transports_fallback_fkey FOREIGN KEY (fallback) REFERENCES email.transports (name)
+        ON DELETE SET NULL ON UPDATE CASCADE
 );
 CREATE UNIQUE INDEX transports_one_default ON email.transports (is_default) WHERE is_default;
 
@@ -59,7 +67,17 @@ CREATE TABLE email.messages (
     created_at          timestamptz NOT NULL DEFAULT now(),
     created_by          text NOT NULL DEFAULT current_user,
     sent_at             timestamptz,
-    updated_at          timestamptz NOT NULL DEFAULT now()
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT messages_content CHECK (template IS NOT NULL OR body IS NOT NULL OR html IS NOT NULL),
+    CONSTRAINT messages_subject CHECK (template IS NOT NULL OR subject IS NOT NULL),
+    CONSTRAINT messages_template_pinned CHECK ((template IS NULL) = (template_version IS NULL)),
+    CONSTRAINT messages_json_objects CHECK (
+        (data IS NULL OR jsonb_typeof(data) = 'object')
+        AND (headers IS NULL OR jsonb_typeof(headers) = 'object')
+        AND (metadata IS NULL OR jsonb_typeof(metadata) = 'object')),
+    CONSTRAINT messages_counts CHECK (attempts >= 0 AND attachment_count >= 0),
+    CONSTRAINT messages_idempotency_key_length CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 256),
+    CONSTRAINT messages_leased CHECK (status <> 'sending' OR lease_until IS NOT NULL)
 );
 -- A queue table churns: every message is updated twice on its way out. Vacuum it early, so the
 -- partial indexes the worker walks do not fill with dead entries.
@@ -72,8 +90,7 @@ CREATE INDEX messages_next ON email.messages (next_attempt_at) WHERE status = 'q
 -- Expired leases (a crashed worker) are found through this one.
 CREATE INDEX messages_leased ON email.messages (lease_until) WHERE status = 'sending';
 CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX messages_finished ON email.messages (created_at)
-    WHERE status IN ('sent', 'delivered', 'bounced', 'failed', 'cancelled', 'suppressed');
+CREATE INDEX messages_finished ON email.messages (created_at) WHERE email._is_finished(status);
 CREATE INDEX messages_created_by ON email.messages (created_by);
 
 -- One row per delivery attempt and per later event.
@@ -91,7 +108,8 @@ CREATE TABLE email.receipts (
     enhanced_code       text,
     response            text,
     provider_message_id text,
-    duration_ms         double precision
+    duration_ms         double precision,
+    provider_code       text
 );
 CREATE INDEX receipts_message_id ON email.receipts (message_id);
 CREATE INDEX receipts_at ON email.receipts (at);

@@ -67,13 +67,55 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    int(c"pg_email.max_in_flight", c"Sends each worker keeps in flight.", &MAX_IN_FLIGHT, 1, 10_000, GucFlags::default());
-    int(c"pg_email.batch_size", c"Rows claimed or completed per transaction.", &BATCH_SIZE, 1, 10_000, GucFlags::default());
-    int(c"pg_email.poll_interval", c"Longest sleep between queue checks.", &POLL_INTERVAL_MS, 10, i32::MAX, GucFlags::UNIT_MS);
-    int(c"pg_email.max_attempts", c"Attempts before a message fails for good.", &MAX_ATTEMPTS, 1, 1000, GucFlags::default());
-    int(c"pg_email.retry_base", c"First retry delay; doubles per attempt.", &RETRY_BASE_MS, 1, i32::MAX, GucFlags::UNIT_MS);
+    int(
+        c"pg_email.max_in_flight",
+        c"Sends each worker keeps in flight.",
+        &MAX_IN_FLIGHT,
+        1,
+        10_000,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_email.batch_size",
+        c"Rows claimed or completed per transaction.",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_email.poll_interval",
+        c"Longest sleep between queue checks.",
+        &POLL_INTERVAL_MS,
+        10,
+        i32::MAX,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pg_email.max_attempts",
+        c"Attempts before a message fails for good.",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_email.retry_base",
+        c"First retry delay; doubles per attempt.",
+        &RETRY_BASE_MS,
+        1,
+        i32::MAX,
+        GucFlags::UNIT_MS,
+    );
     int(c"pg_email.retry_max", c"Longest retry delay.", &RETRY_MAX_MS, 1, i32::MAX, GucFlags::UNIT_MS);
-    int(c"pg_email.lease", c"How long a claimed message stays reserved for its worker.", &LEASE_MS, 1000, i32::MAX, GucFlags::UNIT_MS);
+    int(
+        c"pg_email.lease",
+        c"How long a claimed message stays reserved for its worker.",
+        &LEASE_MS,
+        1000,
+        i32::MAX,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_bool_guc(
         c"pg_email.paused",
         c"Stop claiming new mail.",
@@ -82,11 +124,41 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    int(c"pg_email.retention", c"Age after which finished messages are purged; 0 keeps them.", &RETENTION_S, 0, i32::MAX, GucFlags::UNIT_S);
-    suset_int(c"pg_email.max_message_size", c"Largest message accepted at enqueue.", &MAX_MESSAGE_SIZE_KB, 1, i32::MAX, GucFlags::UNIT_KB);
-    suset_int(c"pg_email.max_recipients", c"Most recipients (to, cc and bcc) per message.", &MAX_RECIPIENTS, 1, 100_000, GucFlags::default());
-    suset_int(c"pg_email.template_fuel", c"Most template instructions one render may run.", &TEMPLATE_FUEL, 1000, i32::MAX, GucFlags::default());
+    int(
+        c"pg_email.retention",
+        c"Age after which finished messages are purged; 0 keeps them.",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucFlags::UNIT_S,
+    );
+    suset_int(
+        c"pg_email.max_message_size",
+        c"Largest message accepted at enqueue.",
+        &MAX_MESSAGE_SIZE_KB,
+        1,
+        i32::MAX,
+        GucFlags::UNIT_KB,
+    );
+    suset_int(
+        c"pg_email.max_recipients",
+        c"Most recipients (to, cc and bcc) per message.",
+        &MAX_RECIPIENTS,
+        1,
+        100_000,
+        GucFlags::default(),
+    );
+    suset_int(
+        c"pg_email.template_fuel",
+        c"Most template instructions one render may run.",
+        &TEMPLATE_FUEL,
+        1000,
+        i32::MAX,
+        GucFlags::default(),
+    );
 
+    // SAFETY: called once from _PG_init in the postmaster with a static NUL-terminated prefix,
+    // after every pg_email setting is defined.
     unsafe {
         #[cfg(not(feature = "pg13"))]
         pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_email".as_ptr());
@@ -99,7 +171,14 @@ fn int(name: &'static CStr, short: &'static CStr, s: &'static GucSetting<i32>, m
     GucRegistry::define_int_guc(name, short, c"", s, min, max, GucContext::Sighup, flags);
 }
 
-fn suset_int(name: &'static CStr, short: &'static CStr, s: &'static GucSetting<i32>, min: i32, max: i32, flags: GucFlags) {
+fn suset_int(
+    name: &'static CStr,
+    short: &'static CStr,
+    s: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    flags: GucFlags,
+) {
     GucRegistry::define_int_guc(name, short, c"", s, min, max, GucContext::Suset, flags);
 }
 

@@ -1,22 +1,33 @@
 //! pg_email: PostgreSQL as an email platform.
 //!
 //! `_PG_init` runs in the postmaster (the library must be in `shared_preload_libraries`): it
-//! defines the settings, reserves shared memory for the commit-time wake-up and registers the
-//! delivery workers. The SQL API (`api/`) runs in ordinary backends; the worker (`worker/`) runs
-//! in its own background processes. `deliver/`, `message.rs` and `render.rs` hold no pgrx and
-//! are plain Rust with plain unit tests.
+//! defines the settings, reserves shared memory and registers the delivery workers.
+//!
+//! What runs where:
+//! - `api/` — the SQL surface, in ordinary backends, inside the caller's transaction;
+//! - `worker/` — the delivery worker, in its own background processes;
+//! - `shmem`, `xact`, `catalog`, `gucs` — Postgres glue both sides use (shared memory, the
+//!   per-backend transaction callback, the template catalog, settings); `api/` and `worker/`
+//!   depend on these and never on each other;
+//! - `deliver/`, `message`, `draft`, `render` — no pgrx: plain Rust with plain unit tests.
 
 #![deny(ffi_unwind_calls)]
 
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod catalog;
 pub mod deliver;
+pub mod draft;
 pub mod gucs;
 pub mod message;
 pub mod render;
-mod hostile;
+pub mod shmem;
 pub mod worker;
+pub mod xact;
+
+#[cfg(test)]
+mod hostile_tests;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -26,6 +37,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[allow(non_snake_case)]
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain global flag Postgres sets while it loads shared_preload_libraries.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         ereport!(
             ERROR,
@@ -37,6 +49,7 @@ pub extern "C-unwind" fn _PG_init() {
         );
     }
     gucs::init();
+    shmem::init();
     api::init();
     worker::init();
 }

@@ -3,7 +3,6 @@
 //! the worker re-reads stored values with the same parsers when it builds the MIME message, so
 //! what was accepted at enqueue is exactly what goes on the wire.
 
-use std::fmt;
 use std::str::FromStr;
 
 use base64::Engine;
@@ -12,7 +11,8 @@ use lettre::Address;
 use serde_json::Value;
 
 /// A value refused at the edge. `field` names the argument (or the JSON member) at fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {message}")]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -23,14 +23,6 @@ impl FieldError {
         FieldError { field: field.into(), message: message.into() }
     }
 }
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for FieldError {}
 
 /// Quotes a user value for an error message, cut to a readable length.
 pub fn show(value: &str) -> String {
@@ -88,7 +80,7 @@ fn split_list(input: &str) -> Result<Vec<&str>, String> {
             }
             _ => {}
         }
-        if angle < 0 || angle > 1 {
+        if !(0..=1).contains(&angle) {
             return Err("unbalanced angle brackets".into());
         }
     }
@@ -230,8 +222,18 @@ pub fn bare_address(mb: &Mailbox) -> String {
 
 /// Headers a caller may not set: they are built from the message's own fields.
 const STRUCTURAL: &[&str] = &[
-    "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "reply-to", "sender",
-    "return-path", "dkim-signature",
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "reply-to",
+    "sender",
+    "return-path",
+    "dkim-signature",
 ];
 
 /// Checks an RFC 5322 field name: printable ASCII, no colon, not structural.
@@ -294,9 +296,8 @@ pub fn parse_attachments(value: &Value) -> Result<Vec<Attachment>, FieldError> {
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let at = |k: &str| format!("attachments[{i}].{k}");
-        let obj = item
-            .as_object()
-            .ok_or_else(|| FieldError::new(format!("attachments[{i}]"), "must be a JSON object"))?;
+        let obj =
+            item.as_object().ok_or_else(|| FieldError::new(format!("attachments[{i}]"), "must be a JSON object"))?;
         for key in obj.keys() {
             if !["filename", "content_type", "content", "content_id"].contains(&key.as_str()) {
                 return Err(FieldError::new(format!("attachments[{i}]"), format!("unknown member {}", show(key))));
@@ -314,13 +315,16 @@ pub fn parse_attachments(value: &Value) -> Result<Vec<Attachment>, FieldError> {
             .ok_or_else(|| FieldError::new(at("filename"), "is required"))?;
         check_single_line(&at("filename"), filename)?;
         if filename.contains(['/', '\\']) {
-            return Err(FieldError::new(at("filename"), format!("{} must not contain a path separator", show(filename))));
+            return Err(FieldError::new(
+                at("filename"),
+                format!("{} must not contain a path separator", show(filename)),
+            ));
         }
         let content_type = text("content_type")?.unwrap_or("application/octet-stream");
         check_single_line(&at("content_type"), content_type)?;
-        let parsed: mime::Mime = content_type
-            .parse()
-            .map_err(|_| FieldError::new(at("content_type"), format!("{} is not a valid MIME type", show(content_type))))?;
+        let parsed: mime::Mime = content_type.parse().map_err(|_| {
+            FieldError::new(at("content_type"), format!("{} is not a valid MIME type", show(content_type)))
+        })?;
         if parsed.type_() == mime::MULTIPART {
             return Err(FieldError::new(at("content_type"), "multipart types cannot be attached"));
         }
@@ -375,6 +379,12 @@ pub struct Built {
 }
 
 /// Converts an IDN domain to its ASCII (punycode) form, so that envelopes and headers stay ASCII.
+/// True when `address` is still to be delivered: `pending` lists the recipients a retry after a
+/// partial delivery is for (case-insensitively); `None` means every recipient.
+pub fn is_pending(pending: Option<&[String]>, address: &str) -> bool {
+    pending.is_none_or(|p| p.iter().any(|x| x.eq_ignore_ascii_case(address)))
+}
+
 pub fn ascii_address(addr: &Address) -> Address {
     match idna::domain_to_ascii(addr.domain()) {
         Ok(d) if d != addr.domain() => Address::new(addr.user(), d).unwrap_or_else(|_| addr.clone()),
@@ -382,7 +392,7 @@ pub fn ascii_address(addr: &Address) -> Address {
     }
 }
 
-fn ascii_mailbox(mb: Mailbox) -> Mailbox {
+pub fn ascii_mailbox(mb: Mailbox) -> Mailbox {
     Mailbox::new(mb.name, ascii_address(&mb.email))
 }
 
@@ -479,9 +489,8 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
     }
 
     let ctype = |a: &Attachment| {
-        ContentType::parse(&a.content_type).map_err(|_| {
-            FieldError::new("attachments", format!("{} is not a valid MIME type", show(&a.content_type)))
-        })
+        ContentType::parse(&a.content_type)
+            .map_err(|_| FieldError::new("attachments", format!("{} is not a valid MIME type", show(&a.content_type))))
     };
     let (inline, regular): (Vec<&Attachment>, Vec<&Attachment>) =
         m.attachments.iter().partition(|a| a.content_id.is_some() && m.html.is_some());
@@ -493,7 +502,9 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
             let mut rel = MultiPart::related().singlepart(SinglePart::html(h.clone()));
             for a in &inline {
                 let cid = a.content_id.clone().unwrap_or_default();
-                rel = rel.singlepart(LAttachment::new_inline_with_name(cid, a.filename.clone()).body(a.content.clone(), ctype(a)?));
+                rel = rel.singlepart(
+                    LAttachment::new_inline_with_name(cid, a.filename.clone()).body(a.content.clone(), ctype(a)?),
+                );
             }
             Some(rel)
         }
@@ -510,7 +521,9 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
         (Some(t), Some(_), true) => {
             Body::Multi(MultiPart::alternative_plain_html(t.clone(), m.html.clone().unwrap_or_default()))
         }
-        (Some(t), Some(rel), false) => Body::Multi(MultiPart::alternative().singlepart(SinglePart::plain(t.clone())).multipart(rel)),
+        (Some(t), Some(rel), false) => {
+            Body::Multi(MultiPart::alternative().singlepart(SinglePart::plain(t.clone())).multipart(rel))
+        }
         (None, None, _) => return Err(FieldError::new("body", "the message has neither a text nor an HTML part")),
     };
     let message = if regular.is_empty() {
@@ -532,7 +545,7 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
 
     let mut rcpts: Vec<Address> = Vec::new();
     for mb in to.iter().chain(&cc).chain(&bcc) {
-        if !rcpts.iter().any(|a| a.to_string().eq_ignore_ascii_case(&mb.email.to_string())) {
+        if !rcpts.iter().any(|a| AsRef::<str>::as_ref(a).eq_ignore_ascii_case(mb.email.as_ref())) {
             rcpts.push(mb.email.clone());
         }
     }
@@ -562,9 +575,21 @@ mod tests {
     #[test]
     fn address_lists_that_are_refused() {
         for bad in [
-            "", "   ", "a", "a@", "@x.org", "a@x.org,", "a@x.org,,b@y.org", "a@x.org b@y.org",
-            "Bo <b@y.org", "<>", "a@x.org\r\nBcc: evil@z.org", "\"unterminated <a@x.org>",
-            "Bo <b@y.org> trailing", "a@@x.org", "a@-x.org",
+            "",
+            "   ",
+            "a",
+            "a@",
+            "@x.org",
+            "a@x.org,",
+            "a@x.org,,b@y.org",
+            "a@x.org b@y.org",
+            "Bo <b@y.org",
+            "<>",
+            "a@x.org\r\nBcc: evil@z.org",
+            "\"unterminated <a@x.org>",
+            "Bo <b@y.org> trailing",
+            "a@@x.org",
+            "a@-x.org",
         ] {
             let err = list(bad).expect_err(bad);
             assert_eq!(err.field, "recipients", "{bad}");
@@ -580,7 +605,9 @@ mod tests {
     #[test]
     fn header_rules() {
         assert!(parse_headers(&json!({"X-Campaign": "spring"})).is_ok());
-        for name in ["From", "subject", "Content-Type", "content-transfer-encoding", "Message-ID", "MIME-Version", "Bcc"] {
+        for name in
+            ["From", "subject", "Content-Type", "content-transfer-encoding", "Message-ID", "MIME-Version", "Bcc"]
+        {
             assert!(parse_headers(&json!({ name: "x" })).is_err(), "{name}");
         }
         assert!(parse_headers(&json!({"X Bad": "x"})).is_err());
@@ -592,10 +619,15 @@ mod tests {
 
     #[test]
     fn attachment_rules() {
-        let ok = parse_attachments(&json!([{"filename": "a.txt", "content_type": "text/plain", "content": "aGVsbG8="}])).unwrap();
+        let ok =
+            parse_attachments(&json!([{"filename": "a.txt", "content_type": "text/plain", "content": "aGVsbG8="}]))
+                .unwrap();
         assert_eq!(ok[0].content, b"hello");
         assert_eq!(ok[0].content_type, "text/plain");
-        let inline = parse_attachments(&json!([{"filename": "l.png", "content_type": "image/png", "content": "", "content_id": "<logo>"}])).unwrap();
+        let inline = parse_attachments(
+            &json!([{"filename": "l.png", "content_type": "image/png", "content": "", "content_id": "<logo>"}]),
+        )
+        .unwrap();
         assert_eq!(inline[0].content_id.as_deref(), Some("logo"));
         let cases = [
             (json!({}), "attachments"),
@@ -631,8 +663,18 @@ mod tests {
             html: Some("<p>html <img src=\"cid:logo\"></p>".into()),
             headers: vec![("X-Campaign".into(), "spring".into())],
             attachments: vec![
-                Attachment { filename: "a.txt".into(), content_type: "text/plain".into(), content_id: None, content: b"hello".to_vec() },
-                Attachment { filename: "l.png".into(), content_type: "image/png".into(), content_id: Some("logo".into()), content: vec![137, 80, 78, 71] },
+                Attachment {
+                    filename: "a.txt".into(),
+                    content_type: "text/plain".into(),
+                    content_id: None,
+                    content: b"hello".to_vec(),
+                },
+                Attachment {
+                    filename: "l.png".into(),
+                    content_type: "image/png".into(),
+                    content_id: Some("logo".into()),
+                    content: vec![137, 80, 78, 71],
+                },
             ],
             message_id: "<abc@x.org>".into(),
         }
@@ -645,7 +687,11 @@ mod tests {
         assert!(raw.contains("Message-ID: <abc@x.org>\r\n"), "{raw}");
         assert!(raw.contains("X-Campaign: spring\r\n"));
         assert!(raw.contains("Subject: =?utf-8?"), "non-ASCII subject is encoded: {raw}");
-        assert!(raw.contains("multipart/mixed") && raw.contains("multipart/alternative") && raw.contains("multipart/related"));
+        assert!(
+            raw.contains("multipart/mixed")
+                && raw.contains("multipart/alternative")
+                && raw.contains("multipart/related")
+        );
         assert!(raw.contains("Content-ID: <logo>"));
         assert!(raw.contains("filename=\"a.txt\""));
         assert!(!raw.contains("hidden@x.org"), "Bcc is not in the headers");

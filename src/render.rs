@@ -131,8 +131,16 @@ impl io::Write for Capped {
 
 const MAIN: &str = "\u{0}main";
 
-fn environment<'a>(part: Part, main: &Parts, library: Arc<Library>, fuel: u64) -> Environment<'a> {
+/// An environment whose error texts do not depend on the build: minijinja's debug mode (on by
+/// default in debug builds) words errors differently.
+fn plain_environment<'a>() -> Environment<'a> {
     let mut env = Environment::new();
+    env.set_debug(false);
+    env
+}
+
+fn environment<'a>(part: Part, main: &Parts, library: Arc<Library>, fuel: u64) -> Environment<'a> {
+    let mut env = plain_environment();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(fuel));
     env.set_recursion_limit(50);
@@ -152,11 +160,17 @@ fn environment<'a>(part: Part, main: &Parts, library: Arc<Library>, fuel: u64) -
 pub fn check_syntax(name: &str, parts: &Parts) -> Result<(), RenderError> {
     for part in [Part::Subject, Part::Body, Part::Html] {
         let Some(src) = part.of(parts) else { continue };
-        let env = Environment::new();
+        let env = plain_environment();
         if let Err(e) = env.template_from_named_str(name, src) {
             let line = e.line().unwrap_or(1);
             let column = e.range().map_or(1, |r| column_of(src, r.start));
-            return Err(RenderError::Syntax { template: name.into(), part: part.name(), line, column, message: message_of(&e) });
+            return Err(RenderError::Syntax {
+                template: name.into(),
+                part: part.name(),
+                line,
+                column,
+                message: message_of(&e),
+            });
         }
     }
     Ok(())
@@ -204,9 +218,10 @@ fn render_part(
                 message: format!("{}{line}", message_of(&e)),
             })
         }
-        Err(e) if e.kind() == ErrorKind::OutOfFuel => {
-            Err(failed(format!("the template ran out of fuel (pg_email.template_fuel = {}): an endless or very long loop?", limits.fuel)))
-        }
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(failed(format!(
+            "the template ran out of fuel (pg_email.template_fuel = {}): an endless or very long loop?",
+            limits.fuel
+        ))),
         Err(e) => {
             let line = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
             Err(failed(format!("{}{line}", message_of(&e))))
@@ -216,7 +231,13 @@ fn render_part(
 
 /// Renders a template's three parts with `data`. The HTML part is auto-escaped; when there is
 /// HTML but no text part, a readable text part is derived from the HTML.
-pub fn render(name: &str, main: &Parts, library: &Arc<Library>, data: &serde_json::Value, limits: Limits) -> Result<Parts, RenderError> {
+pub fn render(
+    name: &str,
+    main: &Parts,
+    library: &Arc<Library>,
+    data: &serde_json::Value,
+    limits: Limits,
+) -> Result<Parts, RenderError> {
     let data = Value::from(minijinja::value::Serde(data));
     let subject = render_part(name, Part::Subject, main, library, &data, limits)?.unwrap_or_default();
     let subject = subject.trim_end_matches(['\r', '\n']).trim_start().to_string();
@@ -231,7 +252,11 @@ pub fn render(name: &str, main: &Parts, library: &Arc<Library>, data: &serde_jso
     let body = match render_part(name, Part::Body, main, library, &data, limits)? {
         Some(b) => Some(b),
         None => match &html {
-            Some(h) => Some(html_to_text(h).map_err(|message| RenderError::Failed { template: name.into(), part: "html", message })?),
+            Some(h) => Some(html_to_text(h).map_err(|message| RenderError::Failed {
+                template: name.into(),
+                part: "html",
+                message,
+            })?),
             None => None,
         },
     };
@@ -282,7 +307,14 @@ mod tests {
 
     #[test]
     fn escaping_applies_to_html_only() {
-        let r = render("t", &parts("{{ v }}", Some("{{ v }}"), Some("<p>{{ v }}</p>")), &lib(&[]), &json!({"v": "<script>x</script>"}), limits()).unwrap();
+        let r = render(
+            "t",
+            &parts("{{ v }}", Some("{{ v }}"), Some("<p>{{ v }}</p>")),
+            &lib(&[]),
+            &json!({"v": "<script>x</script>"}),
+            limits(),
+        )
+        .unwrap();
         assert_eq!(r.subject, "<script>x</script>");
         assert_eq!(r.body.as_deref(), Some("<script>x</script>"));
         assert_eq!(r.html.as_deref(), Some("<p>&lt;script&gt;x&lt;&#x2f;script&gt;</p>"));
@@ -290,7 +322,8 @@ mod tests {
 
     #[test]
     fn missing_variables_are_named_and_defaults_pass() {
-        let e = render("order", &parts("Hi {{ name }}", Some("{{ total }}"), None), &lib(&[]), &json!({}), limits()).unwrap_err();
+        let e = render("order", &parts("Hi {{ name }}", Some("{{ total }}"), None), &lib(&[]), &json!({}), limits())
+            .unwrap_err();
         assert!(e.to_string().contains("\"name\""), "{e}");
         assert!(e.to_string().contains("template \"order\""), "{e}");
         let ok = render(
@@ -307,7 +340,14 @@ mod tests {
     #[test]
     fn layouts_and_partials_come_from_other_rows() {
         let library = lib(&[
-            ("base", parts("[Shop] {% block s %}{% endblock %}", Some("{% block b %}{% endblock %}\n-- {% include 'footer' %}"), Some("<main>{% block b %}{% endblock %}</main>{% include 'footer' %}"))),
+            (
+                "base",
+                parts(
+                    "[Shop] {% block s %}{% endblock %}",
+                    Some("{% block b %}{% endblock %}\n-- {% include 'footer' %}"),
+                    Some("<main>{% block b %}{% endblock %}</main>{% include 'footer' %}"),
+                ),
+            ),
             ("footer", parts("", Some("The Shop"), Some("<footer>The Shop</footer>"))),
         ]);
         let main = parts(
@@ -323,19 +363,36 @@ mod tests {
 
     #[test]
     fn a_newline_in_the_subject_is_an_error() {
-        let e = render("t", &parts("a{{ nl }}b", Some("x"), None), &lib(&[]), &json!({"nl": "\r\nBcc: x@y.z"}), limits()).unwrap_err();
+        let e =
+            render("t", &parts("a{{ nl }}b", Some("x"), None), &lib(&[]), &json!({"nl": "\r\nBcc: x@y.z"}), limits())
+                .unwrap_err();
         assert!(e.to_string().contains("line break"), "{e}");
     }
 
     #[test]
     fn endless_loops_recursion_and_huge_output_fail_fast() {
         let start = Instant::now();
-        let e = render("t", &parts("x", Some("{% for i in range(1000000000) %}{{ i }}{% endfor %}"), None), &lib(&[]), &json!({}), limits()).unwrap_err();
+        let e = render(
+            "t",
+            &parts("x", Some("{% for i in range(1000000000) %}{{ i }}{% endfor %}"), None),
+            &lib(&[]),
+            &json!({}),
+            limits(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("range"), "{e}");
-        let e = render("t", &parts("x", Some("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"), None), &lib(&[]), &json!({}), limits()).unwrap_err();
+        let e = render(
+            "t",
+            &parts("x", Some("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"), None),
+            &lib(&[]),
+            &json!({}),
+            limits(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("fuel"), "{e}");
         let selfish = lib(&[("me", parts("x", Some("again {% include 'me' %}"), None))]);
-        let e = render("me", &parts("x", Some("{% include 'me' %}"), None), &selfish, &json!({}), limits()).unwrap_err();
+        let e =
+            render("me", &parts("x", Some("{% include 'me' %}"), None), &selfish, &json!({}), limits()).unwrap_err();
         assert!(e.to_string().contains("recursion"), "{e}");
         let e = render(
             "t",
@@ -351,7 +408,14 @@ mod tests {
 
     #[test]
     fn text_part_derived_from_html() {
-        let r = render("t", &parts("s", None, Some("<h1>Hi</h1><p>See <a href=\"https://x.org/a\">your order</a></p>")), &lib(&[]), &json!({}), limits()).unwrap();
+        let r = render(
+            "t",
+            &parts("s", None, Some("<h1>Hi</h1><p>See <a href=\"https://x.org/a\">your order</a></p>")),
+            &lib(&[]),
+            &json!({}),
+            limits(),
+        )
+        .unwrap();
         let body = r.body.unwrap();
         assert!(body.contains("Hi") && body.contains("your order") && body.contains("https://x.org/a"), "{body}");
     }
@@ -360,7 +424,11 @@ mod tests {
     fn mail_filters_exist() {
         let r = render(
             "t",
-            &parts("{{ 'a b&c' | urlencode }}", Some("{{ 1700000000 | datetimeformat(format='%Y-%m-%d %H:%M', tz='Europe/Berlin') }}"), None),
+            &parts(
+                "{{ 'a b&c' | urlencode }}",
+                Some("{{ 1700000000 | datetimeformat(format='%Y-%m-%d %H:%M', tz='Europe/Berlin') }}"),
+                None,
+            ),
             &lib(&[]),
             &json!({}),
             limits(),

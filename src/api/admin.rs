@@ -7,11 +7,14 @@ use std::sync::atomic::Ordering;
 
 use super::{caller_role, invalid, spi_failed};
 use crate::message::FieldError;
-use crate::worker::wake::{self, STATES};
+use crate::shmem::{self, WorkerState};
 
-/// True when `role` may act on every message (owner role members and superusers).
-const ALLOWED: &str = "(m.created_by = $2 OR pg_has_role($2, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER'))";
+const CANCEL: &str = include_str!("../../sql/api/cancel.sql");
+const RETRY: &str = include_str!("../../sql/api/retry.sql");
+const PURGE: &str = include_str!("../../sql/api/purge.sql");
+const IS_NEGATIVE: &str = include_str!("../../sql/api/interval_is_negative.sql");
 
+/// Runs `sql` (cancel.sql, retry.sql) for message `id` as the caller; true if it changed a row.
 fn change(sql: &str, id: Option<i64>) -> bool {
     let Some(id) = id else { invalid(FieldError::new("id", "is required")) };
     let caller = caller_role();
@@ -25,31 +28,16 @@ fn change(sql: &str, id: Option<i64>) -> bool {
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn cancel(id: Option<i64>) -> bool {
-    change(
-        &format!(
-            "WITH c AS (UPDATE email.messages m SET status = 'cancelled', updated_at = now() \
-             WHERE m.id = $1 AND m.status = 'queued' AND {ALLOWED} RETURNING m.id, m.transport) \
-             INSERT INTO email.receipts (message_id, event, transport, response) \
-             SELECT c.id, 'cancelled', c.transport, 'cancelled by ' || $2 FROM c RETURNING message_id"
-        ),
-        id,
-    )
+    change(CANCEL, id)
 }
 
 /// Requeues a failed or bounced message for a fresh series of attempts; true if it was.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn retry(id: Option<i64>) -> bool {
-    let done = change(
-        &format!(
-            "UPDATE email.messages m SET status = 'queued', attempts = 0, next_attempt_at = now(), \
-             lease_until = NULL, last_error = NULL, updated_at = now() \
-             WHERE m.id = $1 AND m.status IN ('failed', 'bounced') AND {ALLOWED} RETURNING m.id"
-        ),
-        id,
-    );
+    let done = change(RETRY, id);
     if done {
-        wake::mark_queued();
+        crate::xact::mark_queued();
     }
     done
 }
@@ -62,7 +50,7 @@ fn purge(older_than: Option<pgrx::datum::Interval>) -> i64 {
     let Some(older_than) = older_than else { invalid(FieldError::new("older_than", "is required")) };
     Spi::connect_mut(|client| {
         let neg = client
-            .select("SELECT $1 < interval '0'", None, &[older_than.into()])
+            .select(IS_NEGATIVE, None, &[older_than.into()])
             .unwrap_or_else(|e| spi_failed(e))
             .first()
             .get::<bool>(1)
@@ -73,13 +61,7 @@ fn purge(older_than: Option<pgrx::datum::Interval>) -> i64 {
             invalid(FieldError::new("older_than", "must not be negative"));
         }
         client
-            .update(
-                "WITH d AS (DELETE FROM email.messages WHERE status IN \
-                 ('sent', 'delivered', 'bounced', 'failed', 'cancelled', 'suppressed') \
-                 AND created_at < now() - $1 RETURNING 1) SELECT count(*) FROM d",
-                None,
-                &[older_than.into()],
-            )
+            .update(PURGE, None, &[older_than.into()])
             .unwrap_or_else(|e| spi_failed(e))
             .first()
             .get::<i64>(1)
@@ -90,6 +72,8 @@ fn purge(older_than: Option<pgrx::datum::Interval>) -> i64 {
 }
 
 fn ts(v: i64) -> Option<TimestampWithTimeZone> {
+    // SAFETY: a TimestampTz is a by-value int64 Datum; from_datum with is_null = false only
+    // reinterprets the value.
     (v != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pgrx::pg_sys::Datum::from(v), false) }).flatten()
 }
 
@@ -112,14 +96,14 @@ fn worker_status() -> TableIterator<
     ),
 > {
     let mut rows = Vec::new();
-    if let Some(shared) = wake::shared() {
+    if let Some(shared) = shmem::shared() {
         for (i, s) in shared.slots.iter().enumerate() {
             let started = s.started_at.load(Ordering::Relaxed);
             if started == 0 {
                 continue;
             }
             let pid = s.pid.load(Ordering::Relaxed);
-            let state = STATES.get(s.state.load(Ordering::Relaxed) as usize).copied().unwrap_or("unknown");
+            let state = s.state().map_or("unknown", WorkerState::name);
             rows.push((
                 i as i32,
                 (pid != 0).then_some(pid),

@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
@@ -15,10 +16,11 @@ use pgrx::prelude::*;
 use crate::message::FieldError;
 
 pub mod admin;
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
 pub mod send;
 pub mod templates;
 pub mod transports;
-mod tests;
 
 /// Called from `_PG_init`.
 pub fn init() {
@@ -57,6 +59,9 @@ pub(crate) fn spi_failed(e: pgrx::spi::SpiError) -> ! {
 /// The role the caller acts as, even inside a SECURITY DEFINER function: the session's current
 /// role (after SET ROLE), not the function owner.
 pub(crate) fn caller_role() -> String {
+    // SAFETY: GetOuterUserId only reads backend state; GetUserNameFromId with noerr = false
+    // returns a palloc'd NUL-terminated name (or raises an ERROR, which pg_guard turns into a
+    // Rust panic that propagates as that ERROR), which is copied before use.
     unsafe {
         let oid = pg_sys::GetOuterUserId();
         let name = pg_sys::GetUserNameFromId(oid, false);
@@ -66,27 +71,27 @@ pub(crate) fn caller_role() -> String {
 
 thread_local! {
     /// Plans of this backend's hot statements, prepared once (SPI_keepplan) and re-planned by
-    /// Postgres itself when the tables they use change.
-    static PLANS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    /// Postgres itself when the tables they use change. Shared out as `Rc`s: no borrow of this
+    /// map is held while a statement runs, because a statement may fire a user trigger that
+    /// calls `email.send` again.
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 /// Runs `sql` through a plan prepared on first use; argument types come from `args`.
 pub(crate) fn run_prepared<'conn>(
     client: &mut SpiClient<'conn>,
-    sql: &str,
+    sql: &'static str,
     limit: Option<i64>,
     args: &[DatumWithOid],
 ) -> SpiTupleTable<'conn> {
-    PLANS.with(|plans| {
-        let mut plans = plans.borrow_mut();
-        let stmt = match plans.entry(sql.to_string()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let oids: Vec<pgrx::pg_sys::PgOid> = args.iter().map(|a| pgrx::pg_sys::PgOid::from(a.oid())).collect();
-                let prepared = client.prepare_mut(sql, &oids).unwrap_or_else(|e| spi_failed(e)).keep();
-                v.insert(prepared)
-            }
-        };
-        client.update(&*stmt, limit.map(|l| l as _), args).unwrap_or_else(|e| spi_failed(e))
-    })
+    let plan = match PLANS.with(|plans| plans.borrow().get(sql).cloned()) {
+        Some(plan) => plan,
+        None => {
+            let oids: Vec<pg_sys::PgOid> = args.iter().map(|a| pg_sys::PgOid::from(a.oid())).collect();
+            let plan = Rc::new(client.prepare_mut(sql, &oids).unwrap_or_else(|e| spi_failed(e)).keep());
+            PLANS.with(|plans| plans.borrow_mut().insert(sql, plan.clone()));
+            plan
+        }
+    };
+    client.update(&*plan, limit.map(|l| l as _), args).unwrap_or_else(|e| spi_failed(e))
 }

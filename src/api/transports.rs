@@ -3,8 +3,6 @@
 //! error raised while a DSN is being handled hides the statement text from the server log, so a
 //! secret typed into the call does not end up there either.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -12,21 +10,25 @@ use super::{raise, spi_failed, undefined};
 use crate::deliver::dsn;
 use crate::message::{show, FieldError};
 
-/// Set while add_transport runs; the log hook hides the statement of an ERROR raised meanwhile.
-static HANDLING_SECRET: AtomicBool = AtomicBool::new(false);
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
+/// Chains the log hook that hides the statement of an ERROR raised while `add_transport` holds
+/// a secret (`crate::xact` owns that flag and clears it at transaction end, since an error
+/// caught by a PL/pgSQL block never reaches the hook). Called once, from `_PG_init`.
 pub(super) fn install_log_hook() {
+    // SAFETY: runs once in the postmaster from _PG_init, before any other process exists, so
+    // nothing reads the hook variables concurrently; the previous hook is kept and called.
     unsafe {
         PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(hide_secret_statement);
     }
 }
 
-/// Forgets the flag at transaction end (an error caught by a PL/pgSQL block never reaches the hook).
-pub(crate) fn reset_secret_flag() {
-    super::send::forget_routes();
-    HANDLING_SECRET.store(false, Ordering::Relaxed);
+/// Called by the statement triggers on email.transports and email.suppressions: backends and
+/// workers that cache what they read from them read again.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _config_changed() {
+    crate::xact::config_changed();
 }
 
 // The previous hook is Postgres C code; the call goes through pg_guard_ffi_boundary, which turns
@@ -34,8 +36,10 @@ pub(crate) fn reset_secret_flag() {
 #[allow(ffi_unwind_calls)]
 #[pg_guard]
 unsafe extern "C-unwind" fn hide_secret_statement(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: Postgres passes a valid ErrorData (checked for null anyway) that it owns for the
+    // duration of the call; PREV_EMIT_LOG_HOOK was set once in _PG_init and is only read here.
     unsafe {
-        if !edata.is_null() && (*edata).elevel >= pg_sys::PGERROR as i32 && HANDLING_SECRET.swap(false, Ordering::Relaxed) {
+        if !edata.is_null() && (*edata).elevel >= pg_sys::PGERROR as i32 && crate::xact::take_handling_secret() {
             (*edata).hide_stmt = true;
         }
         if let Some(prev) = PREV_EMIT_LOG_HOOK {
@@ -50,14 +54,10 @@ fn valid_name(name: &str) -> bool {
     (1..=63).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
-const UPSERT: &str = "\
-INSERT INTO email.transports (name, kind, dsn, is_default, fallback, sender) VALUES ($1, $2, $3, $4, $5, $6) \
-ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, dsn = EXCLUDED.dsn, is_default = EXCLUDED.is_default, \
-    fallback = EXCLUDED.fallback, sender = EXCLUDED.sender, updated_at = now()";
-
-const UPSERT_SECRET: &str = "\
-INSERT INTO email.transport_secrets (name, dsn) VALUES ($1, $2) \
-ON CONFLICT (name) DO UPDATE SET dsn = EXCLUDED.dsn";
+const TRANSPORT_EXISTS: &str = include_str!("../../sql/api/transport_exists.sql");
+const CLEAR_DEFAULT: &str = include_str!("../../sql/api/clear_default.sql");
+const UPSERT: &str = include_str!("../../sql/api/upsert_transport.sql");
+const UPSERT_SECRET: &str = include_str!("../../sql/api/upsert_transport_secret.sql");
 
 /// Registers (or replaces) a named transport.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
@@ -68,8 +68,7 @@ fn add_transport(
     is_default: default!(Option<bool>, false),
     fallback: default!(Option<&str>, "NULL"),
 ) {
-    HANDLING_SECRET.store(true, Ordering::Relaxed);
-    crate::worker::wake::ensure_callback();
+    crate::xact::handling_secret(true);
     let name = name.unwrap_or_else(|| super::invalid(FieldError::new("name", "is required")));
     if !valid_name(name) {
         super::invalid(FieldError::new("name", format!("{} {NAME_RULE}", show(name))));
@@ -86,12 +85,9 @@ fn add_transport(
         if fb == name {
             super::invalid(FieldError::new("fallback", "a transport cannot be its own fallback"));
         }
-        let exists = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM email.transports WHERE name = $1)",
-            &[fb.into()],
-        )
-        .unwrap_or_else(|e| spi_failed(e))
-        .unwrap_or(false);
+        let exists = Spi::get_one_with_args::<bool>(TRANSPORT_EXISTS, &[fb.into()])
+            .unwrap_or_else(|e| spi_failed(e))
+            .unwrap_or(false);
         if !exists {
             undefined("fallback transport", fb, Some("Add the fallback transport first."));
         }
@@ -99,13 +95,7 @@ fn add_transport(
     let is_default = is_default.unwrap_or(false);
     Spi::connect_mut(|client| {
         if is_default {
-            client
-                .update(
-                    "UPDATE email.transports SET is_default = false, updated_at = now() WHERE is_default AND name <> $1",
-                    None,
-                    &[name.into()],
-                )
-                .unwrap_or_else(|e| spi_failed(e));
+            client.update(CLEAR_DEFAULT, None, &[name.into()]).unwrap_or_else(|e| spi_failed(e));
         }
         let masked = parsed.masked();
         client
@@ -124,6 +114,5 @@ fn add_transport(
             .unwrap_or_else(|e| spi_failed(e));
         client.update(UPSERT_SECRET, None, &[name.into(), raw.trim().into()]).unwrap_or_else(|e| spi_failed(e));
     });
-    super::send::forget_routes();
-    HANDLING_SECRET.store(false, Ordering::Relaxed);
+    crate::xact::handling_secret(false);
 }

@@ -2,6 +2,9 @@
 //! validates a DSN in the caller's backend (and stores the masked form for display); the worker
 //! parses the stored secret DSN again when it builds the transport. Errors describe what is
 //! wrong without ever repeating the DSN, so a secret cannot leak through an error or a log line.
+//! The common part (scheme, user and secret, host, the options every DSN takes) and the SMTP,
+//! file and capture DSNs are handled here; for a provider DSN, the provider module checks its
+//! keys and options and says which part is secret (`deliver::providers::Provider`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,35 +12,48 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 
+use super::providers::{self, Provider, SecretIn, Userinfo};
+
 /// What a DSN selects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Kind {
     Smtp,
-    SendGrid,
-    Postmark,
-    Resend,
-    Mailgun,
-    Ses,
+    /// A provider's HTTP API; the provider knows its part of the DSN.
+    Http(&'static dyn Provider),
     File,
     Capture,
 }
 
 impl Kind {
+    /// The name stored in `email.transports.kind`.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Smtp => "smtp",
-            Kind::SendGrid => "sendgrid",
-            Kind::Postmark => "postmark",
-            Kind::Resend => "resend",
-            Kind::Mailgun => "mailgun",
-            Kind::Ses => "ses",
+            Kind::Http(p) => p.name(),
             Kind::File => "file",
             Kind::Capture => "capture",
         }
     }
 
     pub fn is_http(self) -> bool {
-        matches!(self, Kind::SendGrid | Kind::Postmark | Kind::Resend | Kind::Mailgun | Kind::Ses)
+        matches!(self, Kind::Http(_))
+    }
+}
+
+impl PartialEq for Kind {
+    fn eq(&self, other: &Kind) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Kind {}
+
+impl fmt::Debug for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::Http(p) => write!(f, "Http({})", p.name()),
+            other => f.write_str(other.name()),
+        }
     }
 }
 
@@ -64,9 +80,9 @@ pub struct Rate {
 pub struct Dsn {
     pub kind: Kind,
     pub scheme: String,
-    /// SMTP user, or the API key of SendGrid/Postmark/Resend/Mailgun, or the SES access key id.
+    /// The SMTP user, or a provider's API key (SES: the access key id).
     pub user: Option<String>,
-    /// SMTP password, the Mailgun domain, or the SES secret key.
+    /// The SMTP password, or a provider's second part (Mailgun: the domain; SES: the secret key).
     pub password: Option<String>,
     /// `None` for `@default` (the provider's public endpoint).
     pub host: Option<String>,
@@ -89,17 +105,11 @@ pub struct Dsn {
     pub options: BTreeMap<String, String>,
 }
 
-/// A DSN refused by `parse`; the message never contains the DSN itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A DSN refused by `parse`. It is only ever shown (`email.add_transport` raises it, the worker
+/// logs it), so it is a message: what is wrong, never the DSN itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct DsnError(pub String);
-
-impl fmt::Display for DsnError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DsnError {}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, DsnError> {
     Err(DsnError(msg.into()))
@@ -141,17 +151,32 @@ pub fn parse_rate(s: &str) -> Option<Rate> {
 const USERINFO: &percent_encoding::AsciiSet =
     &percent_encoding::CONTROLS.add(b' ').add(b':').add(b'@').add(b'/').add(b'?').add(b'#').add(b'%').add(b'&');
 
+/// Options every DSN takes.
 const COMMON: &[&str] = &["timeout", "max_connections", "rate", "from"];
+/// Options of an SMTP DSN.
+const SMTP: &[&str] = &["tls", "verify", "ca", "helo"];
 
-fn allowed(kind: Kind) -> &'static [&'static str] {
+/// The options a DSN of `kind` takes besides the common ones.
+fn allowed(kind: Kind) -> Vec<&'static str> {
     match kind {
-        Kind::Smtp => &["tls", "verify", "ca", "helo"],
-        Kind::SendGrid => &["scheme", "region", "sandbox"],
-        Kind::Postmark => &["scheme", "message_stream"],
-        Kind::Resend => &["scheme"],
-        Kind::Mailgun => &["scheme", "region"],
-        Kind::Ses => &["scheme", "region", "session_token", "configuration_set"],
-        Kind::File | Kind::Capture => &[],
+        Kind::Smtp => SMTP.to_vec(),
+        Kind::Http(p) => std::iter::once("scheme").chain(p.options().iter().copied()).collect(),
+        Kind::File | Kind::Capture => Vec::new(),
+    }
+}
+
+/// The kind a scheme selects.
+fn kind_of(scheme: &str) -> Result<Kind, DsnError> {
+    match scheme {
+        "smtp" | "smtps" => Ok(Kind::Smtp),
+        "file" => Ok(Kind::File),
+        "capture" => Ok(Kind::Capture),
+        other => providers::by_scheme(other).map(Kind::Http).ok_or_else(|| {
+            let mut known = vec!["smtp", "smtps"];
+            known.extend(providers::ALL.iter().filter_map(|p| p.schemes().first().copied()));
+            known.push("file");
+            DsnError(format!("unknown DSN scheme \"{other}\" (expected {} or capture)", known.join(", ")))
+        }),
     }
 }
 
@@ -162,7 +187,7 @@ fn decode(s: &str, what: &str) -> Result<String, DsnError> {
         .or_else(|_| err(format!("the {what} is not valid percent-encoded UTF-8")))
 }
 
-/// Parses and validates a DSN.
+/// Parses and validates a DSN: the common part here, then the part that depends on its kind.
 pub fn parse(input: &str) -> Result<Dsn, DsnError> {
     if input.trim().is_empty() {
         return err("the DSN is empty");
@@ -170,35 +195,56 @@ pub fn parse(input: &str) -> Result<Dsn, DsnError> {
     if input.contains(['\r', '\n', '\0']) {
         return err("the DSN contains a line break or NUL character");
     }
-    let url = url::Url::parse(input.trim())
-        .or_else(|e| err(format!("the DSN is not a URL of the form scheme://[user:secret@]host[:port][?options] ({e})")))?;
+    let url = url::Url::parse(input.trim()).or_else(|e| {
+        err(format!("the DSN is not a URL of the form scheme://[user:secret@]host[:port][?options] ({e})"))
+    })?;
     let scheme = url.scheme().to_string();
-    let (kind, implicit_tls) = match scheme.as_str() {
-        "smtp" => (Kind::Smtp, false),
-        "smtps" => (Kind::Smtp, true),
-        "sendgrid+api" | "sendgrid" => (Kind::SendGrid, false),
-        "postmark+api" | "postmark" => (Kind::Postmark, false),
-        "resend+api" | "resend" => (Kind::Resend, false),
-        "mailgun+api" | "mailgun" => (Kind::Mailgun, false),
-        "ses+api" | "ses" => (Kind::Ses, false),
-        "file" => (Kind::File, false),
-        "capture" => (Kind::Capture, false),
-        other => {
-            return err(format!(
-                "unknown DSN scheme \"{other}\" (expected smtp, smtps, sendgrid+api, postmark+api, resend+api, mailgun+api, ses+api, file or capture)"
-            ))
-        }
-    };
-
+    let kind = kind_of(&scheme)?;
     let user = Some(url.username()).filter(|u| !u.is_empty()).map(|u| decode(u, "user part")).transpose()?;
     let password = url.password().map(|p| decode(p, "secret part")).transpose()?;
     let host = url.host_str().map(str::to_string).filter(|h| !h.is_empty());
+    let options = options(&url, kind)?;
 
+    let mut dsn = Dsn {
+        kind,
+        tls: if scheme == "smtps" { Tls::Implicit } else { Tls::StartTls },
+        scheme,
+        user,
+        password,
+        host,
+        port: url.port(),
+        path: None,
+        verify: true,
+        ca: None,
+        timeout: Duration::from_secs(30),
+        max_connections: 4,
+        rate: None,
+        from: None,
+        http_scheme: "https".into(),
+        options,
+    };
+    take_common(&mut dsn)?;
+    match kind {
+        Kind::Smtp => smtp(&mut dsn)?,
+        Kind::Http(p) => provider(p, &mut dsn)?,
+        Kind::File => file(&mut dsn, url.path())?,
+        Kind::Capture => {
+            if dsn.user.is_some() || dsn.host.is_some() || !url.path().trim_matches('/').is_empty() {
+                return err("a capture DSN is just capture://");
+            }
+        }
+    }
+    Ok(dsn)
+}
+
+/// The query options, each known for this kind and given once.
+fn options(url: &url::Url, kind: Kind) -> Result<BTreeMap<String, String>, DsnError> {
+    let allowed = allowed(kind);
     let mut options = BTreeMap::new();
     for (k, v) in url.query_pairs() {
         let k = k.into_owned();
-        if !COMMON.contains(&k.as_str()) && !allowed(kind).contains(&k.as_str()) {
-            let mut known: Vec<&str> = COMMON.iter().chain(allowed(kind)).copied().collect();
+        if !COMMON.contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
+            let mut known: Vec<&str> = COMMON.iter().chain(&allowed).copied().collect();
             known.sort();
             return err(format!("unknown option \"{k}\" for a {} DSN (known: {})", kind.name(), known.join(", ")));
         }
@@ -206,143 +252,81 @@ pub fn parse(input: &str) -> Result<Dsn, DsnError> {
             return err(format!("option \"{k}\" is given twice"));
         }
     }
-
-    let timeout = match options.remove("timeout") {
-        None => Duration::from_secs(30),
-        Some(t) => match parse_duration(&t).filter(|d| !d.is_zero()) {
-            Some(d) => d,
-            None => return err(format!("option timeout=\"{t}\" is not a duration such as 10s or 500ms")),
-        },
-    };
-    let max_connections = match options.remove("max_connections") {
-        None => 4,
-        Some(m) => match m.parse::<u32>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return err(format!("option max_connections=\"{m}\" must be a whole number from 1 to 1000")),
-        },
-    };
-    let rate = match options.remove("rate") {
-        None => None,
-        Some(r) => match parse_rate(&r) {
-            Some(rate) => Some(rate),
-            None => return err(format!("option rate=\"{r}\" must look like 50/s, 1000/min or 10000/h")),
-        },
-    };
-    let from = options.remove("from");
-    if let Some(f) = &from {
-        crate::message::parse_mailbox("from", f).or_else(|e| err(format!("option from: {}", e.message)))?;
-    }
-
-    let mut dsn = Dsn {
-        kind,
-        scheme,
-        user,
-        password,
-        host,
-        port: url.port(),
-        path: None,
-        tls: if implicit_tls { Tls::Implicit } else { Tls::StartTls },
-        verify: true,
-        ca: None,
-        timeout,
-        max_connections,
-        rate,
-        from,
-        http_scheme: "https".into(),
-        options: BTreeMap::new(),
-    };
-
-    match kind {
-        Kind::Smtp => {
-            if dsn.host.is_none() || dsn.host.as_deref() == Some("default") {
-                return err("an SMTP DSN needs a host, as in smtp://user:secret@mail.example.org:587");
-            }
-            if let Some(t) = options.remove("tls") {
-                dsn.tls = match (t.as_str(), implicit_tls) {
-                    ("starttls", false) => Tls::StartTls,
-                    ("none", false) => Tls::None,
-                    ("implicit", _) => Tls::Implicit,
-                    (_, true) => return err("smtps:// always uses implicit TLS; drop the tls option"),
-                    _ => return err(format!("option tls=\"{t}\" must be starttls, implicit or none")),
-                };
-            }
-            if let Some(v) = options.remove("verify") {
-                dsn.verify = match v.as_str() {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    _ => return err(format!("option verify=\"{v}\" must be true or false")),
-                };
-            }
-            if let Some(ca) = options.remove("ca") {
-                if !ca.starts_with('/') {
-                    return err(format!("option ca=\"{ca}\" must be an absolute path to a PEM file"));
-                }
-                dsn.ca = Some(ca);
-            }
-            if dsn.password.is_some() && dsn.user.is_none() {
-                return err("an SMTP DSN with a password needs a user name too");
-            }
-            if dsn.port.is_none() {
-                dsn.port = Some(if dsn.tls == Tls::Implicit { 465 } else { 25 });
-            }
-        }
-        Kind::SendGrid | Kind::Postmark | Kind::Resend => {
-            if dsn.user.is_none() {
-                return err(format!(
-                    "a {} DSN needs the API key before the @, as in {}://KEY@default",
-                    kind.name(),
-                    dsn.scheme
-                ));
-            }
-            if dsn.password.is_some() {
-                return err(format!("a {} DSN takes one key: KEY@default, not KEY:SECRET@default", kind.name()));
-            }
-            http_host(&mut dsn, &mut options)?;
-        }
-        Kind::Mailgun => {
-            if dsn.user.is_none() || dsn.password.as_deref().unwrap_or("").is_empty() {
-                return err("a mailgun DSN needs the API key and the sending domain, as in mailgun+api://KEY:DOMAIN@default");
-            }
-            if let Some(r) = options.get("region") {
-                if r != "us" && r != "eu" {
-                    return err(format!("option region=\"{r}\" must be us or eu"));
-                }
-            }
-            http_host(&mut dsn, &mut options)?;
-        }
-        Kind::Ses => {
-            if dsn.user.is_none() || dsn.password.as_deref().unwrap_or("").is_empty() {
-                return err("an ses DSN needs the access key id and the secret key, as in ses+api://ACCESS_KEY:SECRET_KEY@default?region=eu-west-1");
-            }
-            let region = options.entry("region".into()).or_insert_with(|| "us-east-1".into());
-            if region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-                return err(format!("option region=\"{region}\" is not an AWS region name such as eu-west-1"));
-            }
-            http_host(&mut dsn, &mut options)?;
-        }
-        Kind::File => {
-            if dsn.user.is_some() || dsn.host.is_some() {
-                return err("a file DSN is file:///absolute/directory, with no user or host");
-            }
-            let path = decode(url.path(), "path")?;
-            if !path.starts_with('/') || path.len() < 2 {
-                return err("a file DSN needs an absolute directory, as in file:///var/lib/pg_email/out");
-            }
-            dsn.path = Some(path.trim_end_matches('/').to_string());
-        }
-        Kind::Capture => {
-            if dsn.user.is_some() || dsn.host.is_some() || !url.path().trim_matches('/').is_empty() {
-                return err("a capture DSN is just capture://");
-            }
-        }
-    }
-    dsn.options = options;
-    Ok(dsn)
+    Ok(options)
 }
 
-fn http_host(dsn: &mut Dsn, options: &mut BTreeMap<String, String>) -> Result<(), DsnError> {
+/// Takes the options every DSN has out of `dsn.options`: timeout, max_connections, rate, from.
+fn take_common(dsn: &mut Dsn) -> Result<(), DsnError> {
+    if let Some(t) = dsn.options.remove("timeout") {
+        dsn.timeout = match parse_duration(&t).filter(|d| !d.is_zero()) {
+            Some(d) => d,
+            None => return err(format!("option timeout=\"{t}\" is not a duration such as 10s or 500ms")),
+        };
+    }
+    if let Some(m) = dsn.options.remove("max_connections") {
+        dsn.max_connections = match m.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return err(format!("option max_connections=\"{m}\" must be a whole number from 1 to 1000")),
+        };
+    }
+    if let Some(r) = dsn.options.remove("rate") {
+        dsn.rate = match parse_rate(&r) {
+            Some(rate) => Some(rate),
+            None => return err(format!("option rate=\"{r}\" must look like 50/s, 1000/min or 10000/h")),
+        };
+    }
+    dsn.from = dsn.options.remove("from");
+    if let Some(f) = &dsn.from {
+        crate::message::parse_mailbox("from", f).or_else(|e| err(format!("option from: {}", e.message)))?;
+    }
+    Ok(())
+}
+
+/// `smtp://` and `smtps://`: a host is required; `tls`, `verify` and `ca` are read here, `helo`
+/// stays in the options.
+fn smtp(dsn: &mut Dsn) -> Result<(), DsnError> {
+    if dsn.host.is_none() || dsn.host.as_deref() == Some("default") {
+        return err("an SMTP DSN needs a host, as in smtp://user:secret@mail.example.org:587");
+    }
+    let implicit = dsn.tls == Tls::Implicit;
+    if let Some(t) = dsn.options.remove("tls") {
+        dsn.tls = match (t.as_str(), implicit) {
+            ("starttls", false) => Tls::StartTls,
+            ("none", false) => Tls::None,
+            ("implicit", _) => Tls::Implicit,
+            (_, true) => return err("smtps:// always uses implicit TLS; drop the tls option"),
+            _ => return err(format!("option tls=\"{t}\" must be starttls, implicit or none")),
+        };
+    }
+    if let Some(v) = dsn.options.remove("verify") {
+        dsn.verify = match v.as_str() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => return err(format!("option verify=\"{v}\" must be true or false")),
+        };
+    }
+    if let Some(ca) = dsn.options.remove("ca") {
+        if !ca.starts_with('/') {
+            return err(format!("option ca=\"{ca}\" must be an absolute path to a PEM file"));
+        }
+        dsn.ca = Some(ca);
+    }
+    if dsn.password.is_some() && dsn.user.is_none() {
+        return err("an SMTP DSN with a password needs a user name too");
+    }
+    if dsn.port.is_none() {
+        dsn.port = Some(if dsn.tls == Tls::Implicit { 465 } else { 25 });
+    }
+    Ok(())
+}
+
+/// A provider DSN: the provider checks its keys and options, then the endpoint is read here
+/// (`@default` or `host:port`, and `scheme=http` for local test servers).
+fn provider(p: &dyn Provider, dsn: &mut Dsn) -> Result<(), DsnError> {
+    let u = Userinfo { scheme: &dsn.scheme, user: dsn.user.as_deref(), password: dsn.password.as_deref() };
+    p.check_dsn(u, &mut dsn.options).map_err(DsnError)?;
     if dsn.host.is_none() {
-        return err(format!("a {} DSN needs a host: @default for the public endpoint, or host:port", dsn.kind.name()));
+        return err(format!("a {} DSN needs a host: @default for the public endpoint, or host:port", p.name()));
     }
     if dsn.host.as_deref() == Some("default") {
         dsn.host = None;
@@ -350,7 +334,7 @@ fn http_host(dsn: &mut Dsn, options: &mut BTreeMap<String, String>) -> Result<()
             return err("@default takes no port");
         }
     }
-    if let Some(s) = options.remove("scheme") {
+    if let Some(s) = dsn.options.remove("scheme") {
         if s != "http" && s != "https" {
             return err(format!("option scheme=\"{s}\" must be http or https"));
         }
@@ -359,19 +343,28 @@ fn http_host(dsn: &mut Dsn, options: &mut BTreeMap<String, String>) -> Result<()
         }
         dsn.http_scheme = s;
     }
-    if let Some(v) = options.get("sandbox") {
-        if v != "true" && v != "false" {
-            return err(format!("option sandbox=\"{v}\" must be true or false"));
-        }
+    Ok(())
+}
+
+/// `file:///absolute/directory`.
+fn file(dsn: &mut Dsn, url_path: &str) -> Result<(), DsnError> {
+    if dsn.user.is_some() || dsn.host.is_some() {
+        return err("a file DSN is file:///absolute/directory, with no user or host");
     }
+    let path = decode(url_path, "path")?;
+    if !path.starts_with('/') || path.len() < 2 {
+        return err("a file DSN needs an absolute directory, as in file:///var/lib/pg_email/out");
+    }
+    dsn.path = Some(path.trim_end_matches('/').to_string());
     Ok(())
 }
 
 impl Dsn {
     /// The DSN as shown in `email.transports`: every secret replaced by `***`.
     pub fn masked(&self) -> String {
-        let mut out = format!("{}://", self.scheme);
         let enc = |s: &str| percent_encoding::utf8_percent_encode(s, USERINFO).to_string();
+        let mut out = format!("{}://", self.scheme);
+        let mut q: Vec<String> = Vec::new();
         match self.kind {
             Kind::Smtp => {
                 if let Some(u) = &self.user {
@@ -381,47 +374,47 @@ impl Dsn {
                     }
                     out.push('@');
                 }
+                out.push_str(self.host.as_deref().unwrap_or(""));
+                match (self.tls, self.scheme.as_str()) {
+                    (Tls::None, _) => q.push("tls=none".into()),
+                    (Tls::Implicit, "smtp") => q.push("tls=implicit".into()),
+                    _ => {}
+                }
+                if !self.verify {
+                    q.push("verify=false".into());
+                }
+                if let Some(ca) = &self.ca {
+                    q.push(format!("ca={ca}"));
+                }
             }
-            Kind::SendGrid | Kind::Postmark | Kind::Resend => out.push_str("***@"),
-            Kind::Mailgun => {
-                out.push_str("***:");
-                out.push_str(&enc(self.password.as_deref().unwrap_or("")));
+            Kind::Http(p) => {
+                let (user, password) = match p.secret_in() {
+                    SecretIn::User => ("***", self.password.as_deref()),
+                    SecretIn::Password => (self.user.as_deref().unwrap_or(""), self.password.as_ref().map(|_| "***")),
+                };
+                out.push_str(&enc(user));
+                if let Some(pw) = password {
+                    out.push(':');
+                    out.push_str(&enc(pw));
+                }
                 out.push('@');
+                out.push_str(self.host.as_deref().unwrap_or("default"));
+                if self.http_scheme != "https" {
+                    q.push(format!("scheme={}", self.http_scheme));
+                }
             }
-            Kind::Ses => {
-                out.push_str(&enc(self.user.as_deref().unwrap_or("")));
-                out.push_str(":***@");
-            }
-            Kind::File | Kind::Capture => {}
-        }
-        match self.kind {
             Kind::File => out.push_str(self.path.as_deref().unwrap_or("")),
             Kind::Capture => {}
-            Kind::Smtp => out.push_str(self.host.as_deref().unwrap_or("")),
-            _ => out.push_str(self.host.as_deref().unwrap_or("default")),
         }
         if let Some(p) = self.port {
             out.push_str(&format!(":{p}"));
         }
-        let mut q: Vec<String> = Vec::new();
-        if self.kind == Kind::Smtp {
-            match (self.tls, self.scheme.as_str()) {
-                (Tls::None, _) => q.push("tls=none".into()),
-                (Tls::Implicit, "smtp") => q.push("tls=implicit".into()),
-                _ => {}
-            }
-            if !self.verify {
-                q.push("verify=false".into());
-            }
-            if let Some(ca) = &self.ca {
-                q.push(format!("ca={ca}"));
-            }
-        }
-        if self.kind.is_http() && self.http_scheme != "https" {
-            q.push(format!("scheme={}", self.http_scheme));
-        }
+        let secret_options = match self.kind {
+            Kind::Http(p) => p.secret_options(),
+            _ => &[],
+        };
         for (k, v) in &self.options {
-            if k == "session_token" {
+            if secret_options.contains(&k.as_str()) {
                 q.push(format!("{k}=***"));
             } else {
                 q.push(format!("{k}={v}"));
@@ -447,14 +440,20 @@ impl Dsn {
 
     /// The secrets in this DSN, so callers can scrub them from any text they pass on.
     pub fn secrets(&self) -> Vec<&str> {
-        let mut s = Vec::new();
-        match self.kind {
-            Kind::Smtp | Kind::Ses => s.extend(self.password.as_deref()),
-            Kind::SendGrid | Kind::Postmark | Kind::Resend | Kind::Mailgun => s.extend(self.user.as_deref()),
-            Kind::File | Kind::Capture => {}
-        }
-        s.extend(self.options.get("session_token").map(String::as_str));
-        s.into_iter().filter(|x| x.len() >= 3).collect()
+        let mut s: Vec<&str> = match self.kind {
+            Kind::Smtp => self.password.as_deref().into_iter().collect(),
+            Kind::Http(p) => {
+                let part = match p.secret_in() {
+                    SecretIn::User => self.user.as_deref(),
+                    SecretIn::Password => self.password.as_deref(),
+                };
+                let options = p.secret_options().iter().filter_map(|k| self.options.get(*k)).map(String::as_str);
+                part.into_iter().chain(options).collect()
+            }
+            Kind::File | Kind::Capture => Vec::new(),
+        };
+        s.retain(|x| x.len() >= 3);
+        s
     }
 }
 
@@ -478,10 +477,10 @@ mod tests {
         assert_eq!(smtp.password.as_deref(), Some("pa:ss"));
         assert_eq!(parse("smtps://u:p@mail.example.org:465").unwrap().tls, Tls::Implicit);
         assert_eq!(parse("smtp://localhost:2525?tls=none").unwrap().tls, Tls::None);
-        assert_eq!(parse("sendgrid+api://SG.key@default").unwrap().kind, Kind::SendGrid);
+        assert_eq!(parse("sendgrid+api://SG.key@default").unwrap().kind.name(), "sendgrid");
         let pm = parse("postmark+api://TOKEN@default?message_stream=outbound").unwrap();
         assert_eq!(pm.options.get("message_stream").map(String::as_str), Some("outbound"));
-        assert_eq!(parse("resend+api://re_123@default").unwrap().kind, Kind::Resend);
+        assert_eq!(parse("resend+api://re_123@default").unwrap().kind.name(), "resend");
         let mg = parse("mailgun+api://KEY:mg.example.org@default?region=eu").unwrap();
         assert_eq!(mg.password.as_deref(), Some("mg.example.org"));
         let ses = parse("ses+api://AKIA:SECRET%2Fx@default?region=eu-west-1").unwrap();
@@ -530,7 +529,10 @@ mod tests {
         let cases = [
             ("smtp://user:topsecret@mail.example.org:587", "smtp://user:***@mail.example.org:587"),
             ("sendgrid+api://topsecret@default", "sendgrid+api://***@default"),
-            ("mailgun+api://topsecret:mg.example.org@default?region=eu", "mailgun+api://***:mg.example.org@default?region=eu"),
+            (
+                "mailgun+api://topsecret:mg.example.org@default?region=eu",
+                "mailgun+api://***:mg.example.org@default?region=eu",
+            ),
             ("ses+api://AKIA:topsecret@default?region=eu-west-1", "ses+api://AKIA:***@default?region=eu-west-1"),
             ("file:///tmp/x", "file:///tmp/x"),
             ("capture://", "capture://"),
@@ -552,5 +554,49 @@ mod tests {
         assert_eq!(parse_duration("-1"), None);
         assert_eq!(parse_rate("1000/min").map(|r| r.count), Some(1000));
         assert_eq!(parse_rate("0/s"), None);
+    }
+
+    #[test]
+    fn error_texts_and_masked_forms_are_exact() {
+        // email.add_transport shows these texts and email.transports these forms, word for word.
+        let errors = [
+            ("gopher://h", "unknown DSN scheme \"gopher\" (expected smtp, smtps, sendgrid+api, postmark+api, resend+api, mailgun+api, ses+api, file or capture)"),
+            ("sendgrid+api://k@default?tls=none", "unknown option \"tls\" for a sendgrid DSN (known: from, max_connections, rate, region, sandbox, scheme, timeout)"),
+            ("resend+api://k@default?region=eu", "unknown option \"region\" for a resend DSN (known: from, max_connections, rate, scheme, timeout)"),
+            ("postmark+api://@default", "a postmark DSN needs the API key before the @, as in postmark+api://KEY@default"),
+            ("postmark://a:b@default", "a postmark DSN takes one key: KEY@default, not KEY:SECRET@default"),
+            ("sendgrid+api://k@default?sandbox=maybe", "option sandbox=\"maybe\" must be true or false"),
+            ("mailgun+api://k:@default", "a mailgun DSN needs the API key and the sending domain, as in mailgun+api://KEY:DOMAIN@default"),
+            ("mailgun+api://k:d@default?region=ap", "option region=\"ap\" must be us or eu"),
+            ("ses+api://AKIA:s@default?region=", "option region=\"\" is not an AWS region name such as eu-west-1"),
+            ("resend+api://k", "a resend DSN needs the API key before the @, as in resend+api://KEY@default"),
+            ("sendgrid+api://k@default:443", "@default takes no port"),
+            ("sendgrid+api://k@127.0.0.1:8025?scheme=ftp", "option scheme=\"ftp\" must be http or https"),
+        ];
+        for (dsn, want) in errors {
+            assert_eq!(parse(dsn).map(|d| d.masked()), Err(DsnError(want.into())), "{dsn}");
+        }
+        let masked = [
+            (
+                "postmark+api://TOKEN@default?message_stream=outbound",
+                "postmark+api://***@default?message_stream=outbound",
+            ),
+            (
+                "resend+api://k@127.0.0.1:8025?scheme=http&rate=50/s",
+                "resend+api://***@127.0.0.1:8025?scheme=http&rate=50/s",
+            ),
+            ("ses+api://AKIA:s3cret@default", "ses+api://AKIA:***@default?region=us-east-1"),
+            (
+                "ses+api://AKIA:s3cret@default?session_token=tok123&configuration_set=cs",
+                "ses+api://AKIA:***@default?configuration_set=cs&region=us-east-1&session_token=***",
+            ),
+            ("smtp://localhost?tls=implicit&verify=false", "smtp://localhost:465?tls=implicit&verify=false"),
+        ];
+        for (dsn, want) in masked {
+            assert_eq!(parse(dsn).map(|d| d.masked()).as_deref(), Ok(want), "{dsn}");
+        }
+        let ses = parse("ses+api://AKIA:s3cret@default?session_token=tok123").unwrap();
+        assert_eq!(ses.secrets(), ["s3cret", "tok123"]);
+        assert_eq!(parse("mailgun+api://KEY:mg.example.org@default").unwrap().secrets(), ["KEY"]);
     }
 }

@@ -1,9 +1,11 @@
 //! The `file://DIR` transport: each message is written as `DIR/<message-id>.eml` (written to a
-//! temporary name, then renamed, so a reader never sees half a file). A retry of the same message
-//! rewrites the same file. Runs on the worker's runtime; the write is a short local file write.
+//! temporary name, synced to disk, then renamed, so a reader never sees half a file). A retry of
+//! the same message rewrites the same file. The write and its fsync run on tokio's blocking pool,
+//! so they never stall the other sends on the worker's single-threaded runtime.
 
+use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::dsn::Dsn;
 use super::{Delivery, Outgoing, Reply};
@@ -26,25 +28,95 @@ impl FileTransport {
             .collect();
         let path = self.dir.join(format!("{stem}.eml"));
         let tmp = self.dir.join(format!(".{stem}.tmp"));
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&m.raw).and_then(|_| f.sync_data()))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        match written {
-            Ok(()) => Delivery::Accepted {
-                reply: Reply::new(None, format!("written to {}", path.display())),
-                provider_id: None,
-                rejected: Vec::new(),
-                deferred: Vec::new(),
-                captured: None,
-            },
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Delivery::Transient {
-                    reply: Reply::new(None, format!("cannot write {}: {e}", path.display())),
-                    retry_after: None,
+        // The blocking pool needs its own copy: the message is shared with `Rc` on this thread.
+        let raw = m.raw.to_vec();
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || write_durably(&tmp, &target, &raw)).await;
+        let failure = match written {
+            Ok(Ok(())) => {
+                return Delivery::Accepted {
+                    reply: Reply::new(None, format!("written to {}", path.display())),
+                    provider_id: None,
                     rejected: Vec::new(),
+                    deferred: Vec::new(),
+                    captured: None,
                 }
             }
+            Ok(Err(e)) => e.to_string(),
+            // The write panicked or the runtime is shutting down.
+            Err(e) => e.to_string(),
+        };
+        Delivery::transient(Reply::new(None, format!("cannot write {}: {failure}", path.display())))
+    }
+}
+
+/// Writes `raw` to `tmp`, syncs it, and renames it to `path`; removes `tmp` on failure.
+fn write_durably(tmp: &Path, path: &Path, raw: &[u8]) -> std::io::Result<()> {
+    let written = File::create(tmp)
+        .and_then(|mut f| f.write_all(raw).and_then(|_| f.sync_data()))
+        .and_then(|_| std::fs::rename(tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use super::*;
+
+    fn outgoing(message_id: &str, raw: &[u8]) -> Outgoing {
+        Outgoing {
+            id: 1,
+            attempt: 1,
+            from: "a@example.org".parse().unwrap(),
+            to: vec!["b@example.org".parse().unwrap()],
+            raw: Rc::new(raw.to_vec()),
+            message_id: message_id.into(),
+            fields: None,
         }
+    }
+
+    fn send(t: &FileTransport, m: &Outgoing) -> Delivery {
+        let rt = tokio::runtime::Builder::new_current_thread().max_blocking_threads(2).build().unwrap();
+        rt.block_on(t.send(m))
+    }
+
+    #[test]
+    fn writes_one_file_per_message_id_and_rewrites_it_on_retry() {
+        let dir = std::env::temp_dir().join(format!("pg_email-file-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = FileTransport { dir: dir.clone() };
+        let d = send(&t, &outgoing("<a/b c@example.org>", b"first"));
+        let want = dir.join("a_b_c@example.org.eml");
+        assert_eq!(
+            d,
+            Delivery::Accepted {
+                reply: Reply::new(None, format!("written to {}", want.display())),
+                provider_id: None,
+                rejected: vec![],
+                deferred: vec![],
+                captured: None,
+            }
+        );
+        assert_eq!(std::fs::read(&want).unwrap(), b"first");
+        send(&t, &outgoing("<a/b c@example.org>", b"second"));
+        assert_eq!(std::fs::read(&want).unwrap(), b"second");
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["a_b_c@example.org.eml"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_directory_is_a_transient_failure() {
+        let t = FileTransport { dir: PathBuf::from("/nonexistent/pg_email") };
+        let Delivery::Transient { reply, retry_after, rejected } = send(&t, &outgoing("<m@x>", b"x")) else {
+            panic!("not transient")
+        };
+        assert!(reply.text.starts_with("cannot write /nonexistent/pg_email/m@x.eml: "), "{}", reply.text);
+        assert_eq!((retry_after, rejected), (None, vec![]));
     }
 }

@@ -2,6 +2,11 @@
 //! DSN validation runs in backends; everything else runs on the worker's current-thread tokio
 //! runtime, on plain values the worker's main thread copied out of the database. Nothing here
 //! touches Postgres.
+//!
+//! Dependencies point one way: `dsn` parses the common part of a DSN and asks the provider it
+//! names (`providers`) for the rest; `providers` holds everything about each provider API and
+//! builds plain requests; `http` sends them. `smtp`, `file` and the capture transport stand alone;
+//! `outcome` turns what any of them reports into changes to the outbox.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -26,22 +31,28 @@ pub struct Outgoing {
     pub raw: Rc<Vec<u8>>,
     pub message_id: String,
     /// The message as fields, for HTTP providers (None for SMTP, file and capture).
-    pub fields: Option<Rc<http::Fields>>,
+    pub fields: Option<Rc<providers::Fields>>,
 }
 
-/// A reply about one recipient.
+/// A reply about one message or one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
+    /// The SMTP reply code, or the HTTP status of a provider's answer.
     pub code: Option<u16>,
+    /// The RFC 3463 enhanced status code (`5.1.1`), and nothing else: `5.1.x` adds a suppression.
     pub enhanced: Option<String>,
+    /// A provider's own error code or name (Postmark `406`, Resend `validation_error`, SES
+    /// `MessageRejected`); `None` for SMTP.
+    pub provider_code: Option<String>,
     pub text: String,
 }
 
 impl Reply {
+    /// A reply whose enhanced code, if any, starts its text (as SMTP servers write it).
     pub fn new(code: Option<u16>, text: impl Into<String>) -> Self {
         let text = text.into();
         let enhanced = enhanced_code(&text);
-        Reply { code, enhanced, text }
+        Reply { code, enhanced, provider_code: None, text }
     }
 }
 
@@ -61,6 +72,23 @@ pub enum Delivery {
     Transient { reply: Reply, retry_after: Option<Duration>, rejected: Vec<(String, Reply)> },
     /// Refused for good; `rejected` lists the recipients refused one by one.
     Permanent { reply: Reply, rejected: Vec<(String, Reply)> },
+}
+
+impl Delivery {
+    /// A failure worth retrying, about the whole message.
+    pub fn transient(reply: Reply) -> Delivery {
+        Delivery::Transient { reply, retry_after: None, rejected: Vec::new() }
+    }
+
+    /// A failure for good, about the whole message.
+    pub fn permanent(reply: Reply) -> Delivery {
+        Delivery::Permanent { reply, rejected: Vec::new() }
+    }
+
+    /// The transport was shut down while the send waited for a connection.
+    pub fn closed() -> Delivery {
+        Delivery::transient(Reply::new(None, "transport closed"))
+    }
 }
 
 /// The result of one send, with its timing.
@@ -102,6 +130,25 @@ pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
     raw.mul_f64(jitter).min(max.mul_f64(1.2))
 }
 
+/// Why a transport cannot be built from its DSN. The texts are shown to operators (the worker's
+/// log), so they name the setting at fault and never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The stored DSN no longer parses.
+    #[error(transparent)]
+    Dsn(#[from] dsn::DsnError),
+    #[error("an SMTP DSN needs a host")]
+    NoSmtpHost,
+    #[error("cannot read ca={path}: {source}")]
+    ReadCa { path: String, source: std::io::Error },
+    #[error("ca={path} is not a PEM certificate: {source}")]
+    BadCa { path: String, source: lettre::transport::smtp::Error },
+    #[error("TLS set-up failed: {0}")]
+    Tls(#[source] lettre::transport::smtp::Error),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
+}
+
 /// A built transport, ready to send.
 pub enum Transport {
     Smtp(smtp::Smtp),
@@ -111,19 +158,19 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Builds the transport a DSN describes.
+    /// True for provider HTTP APIs, which need the message as fields besides its MIME bytes.
     pub fn is_http(&self) -> bool {
         matches!(self, Transport::Http(_))
     }
 
-    pub fn new(d: &dsn::Dsn) -> Result<Transport, String> {
-        match d.kind {
-            dsn::Kind::Smtp => smtp::Smtp::new(d).map(Transport::Smtp),
-            dsn::Kind::File => Ok(Transport::File(file::FileTransport::new(d))),
-            dsn::Kind::Capture => Ok(Transport::Capture),
-            k if k.is_http() => http::Http::new(d).map(Transport::Http),
-            other => Err(format!("the {} transport is not available in this build", other.name())),
-        }
+    /// Builds the transport a DSN describes.
+    pub fn new(d: &dsn::Dsn) -> Result<Transport, TransportError> {
+        Ok(match d.kind {
+            dsn::Kind::Smtp => Transport::Smtp(smtp::Smtp::new(d)?),
+            dsn::Kind::Http(provider) => Transport::Http(http::Http::new(provider, d)?),
+            dsn::Kind::File => Transport::File(file::FileTransport::new(d)),
+            dsn::Kind::Capture => Transport::Capture,
+        })
     }
 
     /// Sends one message; never panics, every failure is a classified `Delivery`.

@@ -8,9 +8,6 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-/// Pooled connections idle longer than this are not reused (servers close idle sessions).
-const MAX_IDLE: Duration = Duration::from_secs(30);
-
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
@@ -19,7 +16,10 @@ use lettre::transport::smtp::Error as SmtpError;
 use tokio::sync::Semaphore;
 
 use super::dsn::{self, Dsn, Tls};
-use super::{Delivery, Outgoing, Reply};
+use super::{Delivery, Outgoing, Reply, TransportError};
+
+/// Pooled connections idle longer than this are not reused (servers close idle sessions).
+const MAX_IDLE: Duration = Duration::from_secs(30);
 
 pub struct Smtp {
     host: String,
@@ -43,21 +43,22 @@ enum Step {
 }
 
 impl Smtp {
-    pub fn new(d: &Dsn) -> Result<Smtp, String> {
-        let host = d.host.clone().ok_or("an SMTP DSN needs a host")?;
+    pub fn new(d: &Dsn) -> Result<Smtp, TransportError> {
+        let host = d.host.clone().ok_or(TransportError::NoSmtpHost)?;
         let tls_params = if d.tls == Tls::None {
             None
         } else {
             let mut b = TlsParameters::builder(host.clone()).certificate_store(CertificateStore::Default);
             if let Some(ca) = &d.ca {
-                let pem = std::fs::read(ca).map_err(|e| format!("cannot read ca={ca}: {e}"))?;
-                let cert = Certificate::from_pem(&pem).map_err(|e| format!("ca={ca} is not a PEM certificate: {e}"))?;
+                let pem = std::fs::read(ca).map_err(|source| TransportError::ReadCa { path: ca.clone(), source })?;
+                let cert =
+                    Certificate::from_pem(&pem).map_err(|source| TransportError::BadCa { path: ca.clone(), source })?;
                 b = b.add_root_certificate(cert);
             }
             if !d.verify {
                 b = b.dangerous_accept_invalid_certs(true).dangerous_accept_invalid_hostnames(true);
             }
-            Some(b.build_rustls().map_err(|e| format!("TLS set-up failed: {e}"))?)
+            Some(b.build_rustls().map_err(TransportError::Tls)?)
         };
         let hello = match d.options.get("helo") {
             Some(h) => ClientId::Domain(h.clone()),
@@ -104,11 +105,8 @@ impl Smtp {
     }
 
     fn timed_out(&self, what: &str) -> Delivery {
-        Delivery::Transient {
-            reply: Reply::new(None, format!("timed out after {:?} waiting for {what} from {}:{}", self.timeout, self.host, self.port)),
-            retry_after: None,
-            rejected: Vec::new(),
-        }
+        let text = format!("timed out after {:?} waiting for {what} from {}:{}", self.timeout, self.host, self.port);
+        Delivery::transient(Reply::new(None, text))
     }
 
     async fn bounded<T>(&self, what: &str, f: impl Future<Output = Result<T, SmtpError>>) -> Result<T, Step> {
@@ -120,6 +118,14 @@ impl Smtp {
         }
     }
 
+    /// `bounded`, for a step of setting up a connection: any failure ends this attempt.
+    async fn setup<T>(&self, what: &str, f: impl Future<Output = Result<T, SmtpError>>) -> Result<T, Delivery> {
+        self.bounded(what, f).await.map_err(|step| match step {
+            Step::Broken(d) => d,
+            Step::Refused(e) => self.classify(&e, Vec::new()),
+        })
+    }
+
     async fn connect(&self) -> Result<AsyncSmtpConnection, Delivery> {
         let mut conn = if self.tls == Tls::Implicit {
             let connecting = AsyncSmtpConnection::connect_tokio1(
@@ -129,62 +135,45 @@ impl Smtp {
                 self.tls_params.clone(),
                 None,
             );
-            match self.bounded("the greeting", connecting).await {
-                Ok(c) => c,
-                Err(Step::Broken(d)) => return Err(d),
-                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
-            }
+            self.setup("the greeting", connecting).await?
         } else {
             // Our own socket, with Nagle off: lettre writes the message and its final dot in
             // two writes, which Nagle plus delayed ACKs would stall for 40 ms per message.
-            let tcp = match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect((self.host.as_str(), self.port))).await {
+            let connecting = tokio::net::TcpStream::connect((self.host.as_str(), self.port));
+            let tcp = match tokio::time::timeout(self.timeout, connecting).await {
                 Err(_) => return Err(self.timed_out("the connection")),
                 Ok(Err(e)) => {
-                    return Err(Delivery::Transient {
-                        reply: Reply::new(None, format!("cannot connect to {}:{}: {e}", self.host, self.port)),
-                        retry_after: None,
-                        rejected: Vec::new(),
-                    })
+                    let text = format!("cannot connect to {}:{}: {e}", self.host, self.port);
+                    return Err(Delivery::transient(Reply::new(None, text)));
                 }
                 Ok(Ok(tcp)) => tcp,
             };
             let _ = tcp.set_nodelay(true);
-            match self.bounded("the greeting", AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)).await {
-                Ok(c) => c,
-                Err(Step::Broken(d)) => return Err(d),
-                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
-            }
+            self.setup("the greeting", AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)).await?
         };
         if self.tls == Tls::StartTls {
             if !conn.can_starttls() {
-                return Err(Delivery::Permanent {
-                    reply: Reply::new(None, format!("{}:{} does not offer STARTTLS, which this transport requires (add tls=none to the DSN to allow plain text)", self.host, self.port)),
-                    rejected: Vec::new(),
-                });
+                let text = format!(
+                    "{}:{} does not offer STARTTLS, which this transport requires (add tls=none to the DSN to allow plain text)",
+                    self.host, self.port
+                );
+                return Err(Delivery::permanent(Reply::new(None, text)));
             }
-            let params = self.tls_params.clone().ok_or_else(|| Delivery::Permanent {
-                reply: Reply::new(None, "TLS parameters missing"),
-                rejected: Vec::new(),
-            })?;
-            match self.bounded("STARTTLS", conn.starttls(params, &self.hello)).await {
-                Ok(()) => {}
-                Err(Step::Broken(d)) => return Err(d),
-                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
-            }
+            let params = self
+                .tls_params
+                .clone()
+                .ok_or_else(|| Delivery::permanent(Reply::new(None, "TLS parameters missing")))?;
+            self.setup("STARTTLS", conn.starttls(params, &self.hello)).await?;
         }
         if let Some(creds) = &self.credentials {
-            match self.bounded("AUTH", conn.auth(&[Mechanism::Plain, Mechanism::Login], creds)).await {
-                Ok(_) => {}
-                Err(Step::Broken(d)) => return Err(d),
-                Err(Step::Refused(e)) => return Err(self.classify(&e, Vec::new())),
-            }
+            self.setup("AUTH", conn.auth(&[Mechanism::Plain, Mechanism::Login], creds)).await?;
         }
         Ok(conn)
     }
 
     pub async fn send(&self, m: &Outgoing) -> Delivery {
         let Ok(_permit) = self.permits.acquire().await else {
-            return Delivery::Transient { reply: Reply::new(None, "transport closed"), retry_after: None, rejected: Vec::new() };
+            return Delivery::closed();
         };
         // A pooled connection may have been closed by the server; one fresh try is allowed.
         let pooled = loop {
@@ -235,10 +224,8 @@ impl Smtp {
         let non_ascii = !m.from.to_string().is_ascii() || m.to.iter().any(|a| !a.to_string().is_ascii());
         if non_ascii {
             if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
-                return Ok(Delivery::Permanent {
-                    reply: Reply::new(None, "an address is not ASCII and the server does not support SMTPUTF8"),
-                    rejected: Vec::new(),
-                });
+                let text = "an address is not ASCII and the server does not support SMTPUTF8";
+                return Ok(Delivery::permanent(Reply::new(None, text)));
             }
             params.push(MailParameter::SmtpUtfEight);
         }
@@ -261,7 +248,10 @@ impl Smtp {
             return Ok(match deferred.first() {
                 Some((_, r)) => Delivery::Transient { reply: r.clone(), retry_after: None, rejected },
                 None => Delivery::Permanent {
-                    reply: rejected.first().map(|(_, r)| r.clone()).unwrap_or_else(|| Reply::new(None, "no recipients")),
+                    reply: rejected
+                        .first()
+                        .map(|(_, r)| r.clone())
+                        .unwrap_or_else(|| Reply::new(None, "no recipients")),
                     rejected,
                 },
             });
@@ -277,7 +267,8 @@ impl Smtp {
         match self.bounded("the reply to the message", conn.message(&m.raw)).await {
             Ok(resp) => {
                 let text = resp.message().collect::<Vec<_>>().join(" ");
-                let provider_id = text.split("queued as ").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_string);
+                let provider_id =
+                    text.split("queued as ").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_string);
                 Ok(Delivery::Accepted {
                     reply: Reply::new(Some(u16::from(resp.code())), text),
                     provider_id,

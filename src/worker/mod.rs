@@ -6,7 +6,6 @@
 //! sends in batches. Futures get plain values, never Postgres pointers.
 
 pub mod queue;
-pub mod wake;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,18 +16,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
-use pgrx::pg_shmem_init;
 use pgrx::prelude::*;
-use wake::SHARED;
 
 use crate::deliver::outcome::{self, Plan, Policy};
 use crate::deliver::{self, dsn, Delivery, Outcome, Outgoing, Reply, Transport};
 use crate::gucs;
+use crate::shmem::{self, WorkerState};
 
-/// Called from `_PG_init`.
+/// Called from `_PG_init`, after `shmem::init`.
 pub fn init() {
-    pg_shmem_init!(SHARED);
-    let n = gucs::workers().clamp(0, wake::MAX_WORKERS as i32);
+    let n = gucs::workers().clamp(0, shmem::MAX_WORKERS as i32);
     for i in 0..n {
         BackgroundWorkerBuilder::new(&format!("pg_email worker {i}"))
             .set_type("pg_email worker")
@@ -40,6 +37,9 @@ pub fn init() {
             .load();
     }
 }
+
+/// The extension version this library implements; the worker serves only a schema of it.
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 type Sending = Pin<Box<dyn Future<Output = Outcome>>>;
 
@@ -65,7 +65,10 @@ fn pacer(name: &str, rate: dsn::Rate) -> deliver::Pacer {
     let local = Rc::new(std::sync::atomic::AtomicU64::new(0));
     Rc::new(move || {
         let now = deliver::rate::monotonic_ns();
-        let wait = match wake::rate_slot(key) {
+        // The shared cell lives in Postgres shared memory. This closure runs inside a future, which
+        // is fine only because the runtime is current-thread and driven by `block_on` on the main
+        // thread: it never runs on another thread, and it only touches an atomic.
+        let wait = match shmem::rate_slot(key) {
             Some(cell) => deliver::rate::reserve(cell, now, interval),
             None => deliver::rate::reserve(&local, now, interval),
         };
@@ -81,22 +84,21 @@ struct Worker {
     routes: HashMap<String, Route>,
     routes_version: String,
     done: Vec<(Outcome, Option<InFlight>)>,
-    state: u32,
+    /// The state last reported to pg_stat_activity (None before the first report).
+    state: Option<WorkerState>,
     templates: std::sync::Arc<crate::render::Library>,
-    templates_version: String,
-}
-
-fn slot_of(i: i32) -> Option<&'static wake::Slot> {
-    wake::shared().and_then(|s| s.slots.get(i as usize))
 }
 
 fn now_ts() -> i64 {
+    // SAFETY: GetCurrentTimestamp only reads the clock.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
 /// Blocks every signal on the calling thread; used on runtime threads and around `block_on`, so
 /// that Postgres' handlers only ever run on the main thread.
 fn block_signals() -> libc::sigset_t {
+    // SAFETY: both sets are plain stack values initialised by sigfillset / pthread_sigmask;
+    // pthread_sigmask changes only the calling thread's mask.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
@@ -107,6 +109,7 @@ fn block_signals() -> libc::sigset_t {
 }
 
 fn restore_signals(old: libc::sigset_t) {
+    // SAFETY: `old` is a mask returned by pthread_sigmask on this thread.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
@@ -115,6 +118,7 @@ fn restore_signals(old: libc::sigset_t) {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
+    // SAFETY: the postmaster passes the Int32 datum set with `set_argument` in `init`.
     let slot = unsafe { i32::from_datum(arg, false) }.unwrap_or(0);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
@@ -130,11 +134,16 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         Ok(rt) => rt,
         Err(e) => pgrx::error!("pg_email worker: cannot start its runtime: {e}"),
     };
-    if let Some(s) = slot_of(slot) {
-        s.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
-        s.latch.store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
+    if let Some(s) = shmem::slot(slot) {
+        // SAFETY: MyProcPid and MyLatch are set by Postgres before a background worker's main
+        // function runs, and MyLatch stays valid for the life of the process; the latch is
+        // unpublished below before the process exits.
+        let (pid, latch) = unsafe { (pg_sys::MyProcPid, pg_sys::MyLatch) };
+        s.pid.store(pid, Ordering::Relaxed);
+        s.latch.store(latch as usize, Ordering::Release);
         s.started_at.store(now_ts(), Ordering::Relaxed);
         s.in_flight.store(0, Ordering::Relaxed);
+        s.set_state(WorkerState::Starting);
     }
     let mut w = Worker {
         slot,
@@ -144,65 +153,91 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         routes: HashMap::new(),
         routes_version: String::new(),
         done: Vec::new(),
-        state: u32::MAX,
+        state: None,
         templates: Default::default(),
-        templates_version: String::new(),
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
-    if let Some(s) = slot_of(slot) {
+    if let Some(s) = shmem::slot(slot) {
         s.latch.store(0, Ordering::Release);
         s.pid.store(0, Ordering::Relaxed);
-        s.state.store(0, Ordering::Relaxed);
+        s.set_state(WorkerState::Stopped);
         s.in_flight.store(0, Ordering::Relaxed);
     }
     log!("pg_email worker {slot} stopped");
     // Exit code 1: the postmaster restarts the worker after its restart time (unless the server
     // itself is shutting down), so pg_terminate_backend() acts as a restart, never a stop.
+    // SAFETY: proc_exit runs Postgres' exit callbacks and never returns; no Rust value that needs
+    // dropping is alive here but the runtime, whose threads are about to end with the process.
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// The message as fields for an HTTP provider; a retry for some recipients names only those.
-fn http_fields(m: &crate::message::Stored, job: &queue::Job) -> Result<deliver::http::Fields, crate::message::FieldError> {
-    use crate::message::{parse_mailbox, parse_mailboxes, stored_list};
-    let keep = |list: Vec<lettre::message::Mailbox>| -> Vec<lettre::message::Mailbox> {
-        match &job.pending {
-            Some(p) => list.into_iter().filter(|mb| p.iter().any(|x| x.eq_ignore_ascii_case(&mb.email.to_string()))).collect(),
-            None => list,
-        }
+/// The stored message with its template rendered (template mail), as it will be built.
+fn rendered(
+    job: &queue::Job,
+    templates: &std::sync::Arc<crate::render::Library>,
+) -> Result<crate::message::Stored, String> {
+    let mut stored = job.stored.clone();
+    if let Some((name, version, data)) = &job.template {
+        let pinned =
+            job.pinned.as_ref().ok_or_else(|| format!("template \"{name}\" version {version} no longer exists"))?;
+        let limits = crate::render::Limits { fuel: gucs::template_fuel(), max_size: gucs::max_message_size() };
+        let p = crate::render::render(name, pinned, templates, data, limits)
+            .map_err(|e| format!("rendering failed: {e}"))?;
+        stored.subject = p.subject;
+        stored.body = p.body;
+        stored.html = p.html;
+    }
+    Ok(stored)
+}
+
+/// Everything a send needs: the rendered, built message, its envelope (only the recipients
+/// still pending on a retry) and, for HTTP providers, its fields.
+fn prepare(
+    job: &queue::Job,
+    templates: &std::sync::Arc<crate::render::Library>,
+    http: bool,
+) -> Result<Outgoing, String> {
+    let stored = rendered(job, templates)?;
+    let built = crate::message::build(&stored).map_err(|e| format!("the stored message cannot be built: {e}"))?;
+    let pending = job.pending.as_deref();
+    let to: Vec<lettre::Address> =
+        built.to.into_iter().filter(|a| crate::message::is_pending(pending, a.as_ref())).collect();
+    let fields = if http {
+        let f = deliver::providers::Fields::from_stored(&stored, pending, job.tags.clone(), job.metadata.clone())
+            .map_err(|e| format!("the stored message cannot be built: {e}"))?;
+        Some(Rc::new(f))
+    } else {
+        None
     };
-    let ascii = |mb: lettre::message::Mailbox| lettre::message::Mailbox::new(mb.name, crate::message::ascii_address(&mb.email));
-    Ok(deliver::http::Fields {
-        from: Some(ascii(parse_mailbox("sender", &m.sender)?)),
-        to: keep(stored_list("recipients", &m.recipients)?),
-        cc: keep(stored_list("cc", &m.cc)?),
-        bcc: keep(stored_list("bcc", &m.bcc)?),
-        reply_to: match &m.reply_to {
-            Some(r) => parse_mailboxes("reply_to", r)?.into_iter().map(ascii).collect(),
-            None => Vec::new(),
-        },
-        subject: m.subject.clone(),
-        text: m.body.clone(),
-        html: m.html.clone(),
-        headers: m.headers.clone(),
-        attachments: m.attachments.clone(),
-        tags: job.tags.clone(),
-        metadata: job.metadata.clone(),
-        message_id: m.message_id.clone(),
+    Ok(Outgoing {
+        id: job.id,
+        attempt: job.attempt,
+        from: built.from,
+        to,
+        raw: Rc::new(built.raw),
+        message_id: job.stored.message_id.clone(),
+        fields,
     })
 }
 
 impl Worker {
-    fn set_state(&mut self, state: u32, activity: &str) {
-        if let Some(s) = slot_of(self.slot) {
+    fn set_state(&mut self, state: WorkerState, activity: &str) {
+        if let Some(s) = shmem::slot(self.slot) {
             s.in_flight.store(self.in_flight.len() as u32, Ordering::Relaxed);
             s.last_activity.store(now_ts(), Ordering::Relaxed);
-            s.state.store(state, Ordering::Relaxed);
+            s.set_state(state);
         }
-        if state != self.state {
-            self.state = state;
+        if self.state != Some(state) {
+            self.state = Some(state);
             if let Ok(c) = std::ffi::CString::new(format!("pg_email: {activity}")) {
-                let st = if state == 3 { pg_sys::BackendState::STATE_RUNNING } else { pg_sys::BackendState::STATE_IDLE };
+                let st = if state == WorkerState::Sending {
+                    pg_sys::BackendState::STATE_RUNNING
+                } else {
+                    pg_sys::BackendState::STATE_IDLE
+                };
+                // SAFETY: called on the worker's main thread with a valid NUL-terminated string,
+                // which pgstat copies into shared memory.
                 unsafe { pg_sys::pgstat_report_activity(st, c.as_ptr()) };
             }
         }
@@ -212,15 +247,35 @@ impl Worker {
     fn wait(&mut self, timeout: Duration) -> bool {
         let alive = BackgroundWorker::wait_latch(Some(timeout));
         if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reading the configuration file on the main thread outside any
+            // transaction is what Postgres' own processes do on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         alive
     }
 
     fn run(&mut self) {
-        // Wait quietly until the extension exists in the configured database.
-        while !queue::extension_ready() {
-            self.set_state(4, "waiting for CREATE EXTENSION pg_email");
+        // Wait quietly until the extension exists in the configured database, at the version of
+        // this library: after a new build is installed and the server restarted, the schema is
+        // the old one until ALTER EXTENSION pg_email UPDATE, and this worker's statements would
+        // fail on it (a message sent but not recorded would be sent again).
+        let mut told = None;
+        loop {
+            let installed = queue::extension_version();
+            if installed.as_deref() == Some(LIBRARY_VERSION) {
+                break;
+            }
+            let waiting = match &installed {
+                None => "waiting for CREATE EXTENSION pg_email".to_string(),
+                Some(v) => {
+                    format!("waiting for ALTER EXTENSION pg_email UPDATE (installed {v}, library {LIBRARY_VERSION})")
+                }
+            };
+            if installed.is_some() && told != installed {
+                log!("pg_email worker {}: {waiting}", self.slot);
+                told = installed.clone();
+            }
+            self.set_state(WorkerState::WaitingForDatabase, &waiting);
             if !self.wait(Duration::from_secs(1)) {
                 return;
             }
@@ -254,7 +309,7 @@ impl Worker {
                     }
                 }
             }
-            if wake::shared().is_some_and(|s| s.pending.swap(false, Ordering::AcqRel)) {
+            if shmem::shared().is_some_and(|s| s.pending.swap(false, Ordering::AcqRel)) {
                 maybe_due = true;
             }
 
@@ -268,7 +323,7 @@ impl Worker {
                 maybe_due = jobs.len() == want;
                 backlog = maybe_due;
                 if jobs.iter().any(|j| j.template.is_some()) {
-                    self.reload_templates();
+                    self.templates = queue::templates();
                 }
                 // A transport added since the last tick: look once per batch, not per message.
                 if jobs.iter().any(|j| !self.routes.contains_key(&j.transport)) {
@@ -280,7 +335,7 @@ impl Worker {
             }
 
             if self.sending.is_empty() && self.done.is_empty() {
-                self.set_state(2, "idle");
+                self.set_state(WorkerState::Idle, "idle");
                 let mut sleep = poll.saturating_sub(last_tick.elapsed());
                 if !maybe_due && !gucs::paused() {
                     if let Some(ms) = queue::next_due_ms() {
@@ -293,7 +348,7 @@ impl Worker {
                 continue;
             }
 
-            self.set_state(3, "sending");
+            self.set_state(WorkerState::Sending, "sending");
             self.drive(Duration::from_millis(5));
             self.record();
             if !self.wait(Duration::ZERO) {
@@ -312,7 +367,9 @@ impl Worker {
         self.routes_version = version;
         let mut routes = HashMap::new();
         for row in queue::load_transports() {
-            let built = dsn::parse(&row.dsn).map_err(|e| e.0).and_then(|d| Transport::new(&d).map(|t| (t, d.rate)));
+            let built = dsn::parse(&row.dsn)
+                .map_err(deliver::TransportError::from)
+                .and_then(|d| Transport::new(&d).map(|t| (t, d.rate)));
             match built {
                 Ok((t, rate)) => {
                     let pacer = rate.map(|r| pacer(&row.name, r));
@@ -324,95 +381,41 @@ impl Worker {
         self.routes = routes;
     }
 
-    /// Re-reads the templates (layouts and partials) when they changed.
-    fn reload_templates(&mut self) {
-        let version = queue::templates_version();
-        if version != self.templates_version {
-            self.templates = std::sync::Arc::new(queue::load_templates());
-            self.templates_version = version;
+    /// Builds one claimed message and starts sending it. A message that cannot be prepared
+    /// fails for good, with the reason in its receipt.
+    fn start(&mut self, job: queue::Job) {
+        let Some(route) = self.routes.get(&job.transport) else {
+            self.fail(&job, format!("transport \"{}\" does not exist or cannot be built", job.transport));
+            return;
+        };
+        let (transport, pacer) = (route.transport.clone(), route.pacer.clone());
+        // Rendering and building are pure Rust on this thread; a panic in them must not take
+        // the worker down.
+        let templates = &self.templates;
+        let prepared =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(&job, templates, transport.is_http())))
+                .unwrap_or_else(|_| Err("preparing the message panicked".to_string()));
+        match prepared {
+            Ok(out) => {
+                let rcpts = out.to.iter().map(|a| a.to_string()).collect();
+                self.in_flight.insert(job.id, InFlight { rcpts, envelope_from: out.from.to_string() });
+                self.sending.push(Box::pin(deliver::timed(job.transport.clone(), transport, pacer, out)));
+            }
+            Err(reason) => self.fail(&job, reason),
         }
     }
 
-    /// Builds one claimed message and starts sending it.
-    fn start(&mut self, job: queue::Job) {
-        let failed = |reply: String| Outcome {
+    /// Records a permanent failure of `job` that happened before any send.
+    fn fail(&mut self, job: &queue::Job, reason: String) {
+        let delivery = Delivery::Permanent { reply: Reply::new(None, reason), rejected: Vec::new() };
+        let o = Outcome {
             id: job.id,
             attempt: job.attempt,
             transport: job.transport.clone(),
             duration: Duration::ZERO,
-            delivery: Delivery::Permanent { reply: Reply::new(None, reply), rejected: Vec::new() },
+            delivery,
         };
-        let Some(route) = self.routes.get(&job.transport) else {
-            let o = failed(format!("transport \"{}\" does not exist or cannot be built", job.transport));
-            self.done.push((o, None));
-            return;
-        };
-        let mut stored = job.stored.clone();
-        if let Some((name, version, data)) = &job.template {
-            let Some(pinned) = &job.pinned else {
-                let o = failed(format!("template \"{name}\" version {version} no longer exists"));
-                self.done.push((o, None));
-                return;
-            };
-            let limits = crate::render::Limits { fuel: gucs::template_fuel(), max_size: gucs::max_message_size() };
-            // Rendering is pure Rust on this thread; a panic in it must not take the worker down.
-            let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                crate::render::render(name, pinned, &self.templates, data, limits)
-            }))
-            .unwrap_or_else(|_| {
-                Err(crate::render::RenderError::Failed { template: name.clone(), part: "any", message: "the template engine panicked".into() })
-            });
-            match rendered {
-                Ok(p) => {
-                    stored.subject = p.subject;
-                    stored.body = p.body;
-                    stored.html = p.html;
-                }
-                Err(e) => {
-                    let o = failed(format!("rendering failed: {e}"));
-                    self.done.push((o, None));
-                    return;
-                }
-            }
-        }
-        let built = match crate::message::build(&stored) {
-            Ok(b) => b,
-            Err(e) => {
-                let o = failed(format!("the stored message cannot be built: {e}"));
-                self.done.push((o, None));
-                return;
-            }
-        };
-        let to: Vec<lettre::Address> = match &job.pending {
-            Some(p) => built.to.into_iter().filter(|a| p.iter().any(|x| x.eq_ignore_ascii_case(&a.to_string()))).collect(),
-            None => built.to,
-        };
-        let fields = if route.transport.is_http() {
-            match http_fields(&stored, &job) {
-                Ok(f) => Some(Rc::new(f)),
-                Err(e) => {
-                    let o = failed(format!("the stored message cannot be built: {e}"));
-                    self.done.push((o, None));
-                    return;
-                }
-            }
-        } else {
-            None
-        };
-        let out = Outgoing {
-            id: job.id,
-            attempt: job.attempt,
-            from: built.from.clone(),
-            to: to.clone(),
-            raw: Rc::new(built.raw),
-            message_id: job.stored.message_id.clone(),
-            fields,
-        };
-        self.in_flight.insert(
-            job.id,
-            InFlight { rcpts: to.iter().map(|a| a.to_string()).collect(), envelope_from: built.from.to_string() },
-        );
-        self.sending.push(Box::pin(deliver::timed(job.transport.clone(), route.transport.clone(), route.pacer.clone(), out)));
+        self.done.push((o, None));
     }
 
     /// Runs the runtime for up to `slice`, collecting finished sends, and returns early when
@@ -445,7 +448,8 @@ impl Worker {
         if self.done.is_empty() {
             return;
         }
-        let policy = Policy { max_attempts: gucs::max_attempts(), retry_base: gucs::retry_base(), retry_max: gucs::retry_max() };
+        let policy =
+            Policy { max_attempts: gucs::max_attempts(), retry_base: gucs::retry_base(), retry_max: gucs::retry_max() };
         let mut plans: Vec<Plan> = Vec::with_capacity(self.done.len());
         let mut captured = Vec::new();
         for (o, f) in self.done.drain(..) {
@@ -465,23 +469,23 @@ impl Worker {
             plans.push(outcome::plan(&o, &rcpts, fallback.as_deref(), &policy));
         }
         queue::complete(&plans, &captured);
-        if let Some(s) = slot_of(self.slot) {
+        if let Some(s) = shmem::slot(self.slot) {
             for p in &plans {
                 match p.update.status {
-                    "sent" => s.sent.fetch_add(1, Ordering::Relaxed),
-                    "queued" => s.deferred.fetch_add(1, Ordering::Relaxed),
-                    "bounced" => s.bounced.fetch_add(1, Ordering::Relaxed),
-                    _ => s.failed.fetch_add(1, Ordering::Relaxed),
+                    outcome::Status::Sent => s.sent.fetch_add(1, Ordering::Relaxed),
+                    outcome::Status::Queued => s.deferred.fetch_add(1, Ordering::Relaxed),
+                    outcome::Status::Bounced => s.bounced.fetch_add(1, Ordering::Relaxed),
+                    outcome::Status::Failed => s.failed.fetch_add(1, Ordering::Relaxed),
                 };
             }
         }
-        self.set_state(3, "sending");
+        self.set_state(WorkerState::Sending, "sending");
     }
 
     /// Stops taking work: lets sends in flight finish for a moment, records them, and puts the
     /// rest back in the queue.
     fn shutdown(&mut self) {
-        self.set_state(0, "stopping");
+        self.set_state(WorkerState::Stopping, "stopping");
         let deadline = Instant::now() + Duration::from_secs(2);
         while !self.sending.is_empty() && Instant::now() < deadline {
             self.drive(Duration::from_millis(50));

@@ -5,18 +5,28 @@
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
 use pgrx::JsonB;
 
 use crate::deliver::outcome::Plan;
 use crate::message::{Attachment, Stored};
 use crate::render::{Library, Parts};
 
-const CLAIM: &str = concat!(include_str!("../../sql/worker/claim.sql"), include_str!("../../sql/worker/claim_update.sql"));
-const CLAIM_WINDOW: &str =
-    concat!(include_str!("../../sql/worker/claim_window.sql"), include_str!("../../sql/worker/claim_update.sql"));
-const COMPLETE: &str = include_str!("../../sql/worker/complete.sql");
-const RECEIPTS: &str = include_str!("../../sql/worker/receipts.sql");
-const MAINTAIN: &str = include_str!("../../sql/worker/maintain.sql");
+const SESSION: &str = include_str!("../../sql/worker/session.sql");
+const EXTENSION_VERSION: &str = include_str!("../../sql/worker/extension_version.sql");
+const CLAIM: &str = include_str!("../../sql/worker/claim.sql");
+const CLAIM_WINDOW: &str = include_str!("../../sql/worker/claim_window.sql");
+const ATTACHMENTS: &str = include_str!("../../sql/worker/attachments.sql");
+const PINNED_VERSIONS: &str = include_str!("../../sql/worker/pinned_versions.sql");
+const RECORD_OUTCOMES: &str = include_str!("../../sql/worker/record_outcomes.sql");
+const RECORD_RECEIPTS: &str = include_str!("../../sql/worker/record_receipts.sql");
+const RECORD_CAPTURED: &str = include_str!("../../sql/worker/record_captured.sql");
+const RELEASE: &str = include_str!("../../sql/worker/release.sql");
+const REAP_LEASES: &str = include_str!("../../sql/worker/reap_leases.sql");
+const NEXT_DUE_MS: &str = include_str!("../../sql/worker/next_due_ms.sql");
+const TRANSPORTS_FINGERPRINT: &str = include_str!("../../sql/worker/transports_fingerprint.sql");
+const TRANSPORTS: &str = include_str!("../../sql/worker/transports.sql");
+const PURGE_FINISHED: &str = include_str!("../../sql/worker/purge_finished.sql");
 
 /// A claimed row, as read back.
 #[derive(Debug, Clone)]
@@ -29,6 +39,7 @@ pub struct Job {
     /// The pinned version's sources, for template mail.
     pub pinned: Option<Parts>,
     pub pending: Option<Vec<String>>,
+    pub attachment_count: i32,
     pub tags: Vec<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
@@ -45,29 +56,67 @@ fn spi<T>(r: Result<T, pgrx::spi::SpiError>) -> T {
     r.unwrap_or_else(|e| pgrx::error!("pg_email worker: SPI failed: {e}"))
 }
 
-/// Session settings for the worker's own queries. The claim must walk the partial index of
-/// queued rows in order and stop after a batch; with statistics that lag behind a freshly filled
-/// queue the planner may prefer a sequential scan and a sort of the whole queue (seen in
-/// profiles: O(queue) per claim). Every worker query has an index that fits, so seq scans and
-/// sorts are simply discouraged for this session.
+/// Session settings for the worker's own queries (see session.sql for why).
 pub fn configure_session() {
     BackgroundWorker::transaction(|| {
-        Spi::run("SET enable_seqscan = off").ok();
-        Spi::run("SET enable_sort = off").ok();
-        // Disabled plan types carry a huge cost, which would otherwise trigger JIT compilation.
-        Spi::run("SET jit = off").ok();
-        Spi::run("SET application_name = 'pg_email worker'").ok();
+        if let Err(e) = Spi::run(SESSION) {
+            warning!("pg_email worker: session settings failed: {e}");
+        }
     });
 }
 
-/// True when the extension is installed in the worker's database.
-pub fn extension_ready() -> bool {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_email')")
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-    })
+/// The version of the extension installed in the worker's database, if it is installed.
+pub fn extension_version() -> Option<String> {
+    BackgroundWorker::transaction(|| Spi::get_one::<String>(EXTENSION_VERSION).ok().flatten())
+}
+
+/// A text column of a claimed row, by name.
+fn text(row: &SpiHeapTupleData, name: &str) -> Option<String> {
+    row.get_by_name::<String, _>(name).ok().flatten()
+}
+
+/// A text[] column of a claimed row, by name.
+fn list(row: &SpiHeapTupleData, name: &str) -> Option<Vec<String>> {
+    row.get_by_name::<Vec<String>, _>(name).ok().flatten()
+}
+
+/// Reads one row of claim.sql / claim_window.sql.
+fn job(row: &SpiHeapTupleData) -> Job {
+    let template = match (text(row, "template"), row.get_by_name::<i32, _>("template_version").ok().flatten()) {
+        (Some(name), Some(v)) => {
+            let data = text(row, "data").and_then(|d| serde_json::from_str(&d).ok()).unwrap_or(serde_json::Value::Null);
+            Some((name, v, data))
+        }
+        _ => None,
+    };
+    let headers: Vec<(String, String)> = text(row, "headers")
+        .and_then(|h| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok())
+        .map(|m| m.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default();
+    Job {
+        id: row.get_by_name("id").ok().flatten().unwrap_or_default(),
+        attempt: row.get_by_name("attempt").ok().flatten().unwrap_or(1),
+        transport: text(row, "transport").unwrap_or_default(),
+        stored: Stored {
+            sender: text(row, "sender").unwrap_or_default(),
+            recipients: list(row, "recipients").unwrap_or_default(),
+            cc: list(row, "cc").unwrap_or_default(),
+            bcc: list(row, "bcc").unwrap_or_default(),
+            reply_to: text(row, "reply_to"),
+            subject: text(row, "subject").unwrap_or_default(),
+            body: text(row, "body"),
+            html: text(row, "html"),
+            headers,
+            attachments: Vec::new(),
+            message_id: text(row, "message_id").unwrap_or_default(),
+        },
+        template,
+        pinned: None,
+        pending: list(row, "pending_recipients"),
+        attachment_count: row.get_by_name("attachment_count").ok().flatten().unwrap_or(0),
+        tags: list(row, "tags").unwrap_or_default(),
+        metadata: text(row, "metadata").and_then(|m| serde_json::from_str(&m).ok()).unwrap_or_default(),
+    }
 }
 
 /// Claims up to `limit` due rows, with their attachments. `backlog` says the last claim came
@@ -83,111 +132,60 @@ pub fn claim(limit: usize, lease_ms: f64, slot: i32, backlog: bool) -> Vec<Job> 
                 args.push(((limit * 4).max(1000) as i64).into());
                 CLAIM_WINDOW
             };
-            let rows = spi(client.update(sql, None, &args));
-            let mut jobs = Vec::with_capacity(rows.len());
-            let mut with_files = Vec::new();
-            for row in rows {
-                let text = |n: usize| row.get::<String>(n).ok().flatten();
-                let list = |n: usize| row.get::<Vec<String>>(n).ok().flatten();
-                let id: i64 = row.get(1).ok().flatten().unwrap_or_default();
-                let template = match (text(12), row.get::<i32>(13).ok().flatten()) {
-                    (Some(name), Some(v)) => {
-                        let data = text(14).and_then(|d| serde_json::from_str(&d).ok()).unwrap_or(serde_json::Value::Null);
-                        Some((name, v, data))
-                    }
-                    _ => None,
-                };
-                let headers: Vec<(String, String)> = text(15)
-                    .and_then(|h| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok())
-                    .map(|m| m.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect())
-                    .unwrap_or_default();
-                if row.get::<i32>(18).ok().flatten().unwrap_or(0) > 0 {
-                    with_files.push(id);
-                }
-                jobs.push(Job {
-                    id,
-                    attempt: row.get(2).ok().flatten().unwrap_or(1),
-                    transport: text(3).unwrap_or_default(),
-                    stored: Stored {
-                        sender: text(4).unwrap_or_default(),
-                        recipients: list(5).unwrap_or_default(),
-                        cc: list(6).unwrap_or_default(),
-                        bcc: list(7).unwrap_or_default(),
-                        reply_to: text(8),
-                        subject: text(9).unwrap_or_default(),
-                        body: text(10),
-                        html: text(11),
-                        headers,
-                        attachments: Vec::new(),
-                        message_id: text(16).unwrap_or_default(),
-                    },
-                    template,
-                    pinned: None,
-                    pending: list(17),
-                    tags: list(19).unwrap_or_default(),
-                    metadata: text(20).and_then(|m| serde_json::from_str(&m).ok()).unwrap_or_default(),
-                });
-            }
-            if !with_files.is_empty() {
-                let files = spi(client.select(
-                    "SELECT message_id, filename, content_type, content_id, content FROM email.attachments \
-                     WHERE message_id = ANY($1) ORDER BY message_id, position",
-                    None,
-                    &[with_files.into()],
-                ));
-                for f in files {
-                    let id: i64 = f.get(1).ok().flatten().unwrap_or_default();
-                    let a = Attachment {
-                        filename: f.get(2).ok().flatten().unwrap_or_default(),
-                        content_type: f.get(3).ok().flatten().unwrap_or_default(),
-                        content_id: f.get(4).ok().flatten(),
-                        content: f.get::<Vec<u8>>(5).ok().flatten().unwrap_or_default(),
-                    };
-                    if let Some(j) = jobs.iter_mut().find(|j| j.id == id) {
-                        j.stored.attachments.push(a);
-                    }
-                }
-            }
-            let templated: Vec<(String, i32)> =
-                jobs.iter().filter_map(|j| j.template.as_ref().map(|(n, v, _)| (n.clone(), *v))).collect();
-            if !templated.is_empty() {
-                let (names, versions): (Vec<String>, Vec<i32>) = templated.into_iter().unzip();
-                let rows = spi(client.select(
-                    "SELECT v.name, v.version, v.subject, v.body, v.html FROM email.template_versions v \
-                     JOIN unnest($1::text[], $2::int[]) AS w(name, version) USING (name, version)",
-                    None,
-                    &[names.into(), versions.into()],
-                ));
-                for r in rows {
-                    let name: String = r.get(1).ok().flatten().unwrap_or_default();
-                    let version: i32 = r.get(2).ok().flatten().unwrap_or_default();
-                    let parts = Parts {
-                        subject: r.get(3).ok().flatten().unwrap_or_default(),
-                        body: r.get(4).ok().flatten(),
-                        html: r.get(5).ok().flatten(),
-                    };
-                    for j in jobs.iter_mut() {
-                        if j.template.as_ref().is_some_and(|(n, v, _)| *n == name && *v == version) {
-                            j.pinned = Some(parts.clone());
-                        }
-                    }
-                }
-            }
+            let mut jobs: Vec<Job> = spi(client.update(sql, None, &args)).map(|row| job(&row)).collect();
+            attach_files(client, &mut jobs);
+            attach_pinned_versions(client, &mut jobs);
             jobs
         })
     })
 }
 
-/// The current templates' fingerprint.
-pub fn templates_version() -> String {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<String>(crate::api::templates::FINGERPRINT).ok().flatten().unwrap_or_default()
-    })
+/// Reads the attachments of the claimed jobs that have any.
+fn attach_files(client: &mut pgrx::spi::SpiClient, jobs: &mut [Job]) {
+    let with_files: Vec<i64> = jobs.iter().filter(|j| j.attachment_count > 0).map(|j| j.id).collect();
+    if with_files.is_empty() {
+        return;
+    }
+    for f in spi(client.select(ATTACHMENTS, None, &[with_files.into()])) {
+        let id: i64 = f.get_by_name("message_id").ok().flatten().unwrap_or_default();
+        let a = Attachment {
+            filename: f.get_by_name("filename").ok().flatten().unwrap_or_default(),
+            content_type: f.get_by_name("content_type").ok().flatten().unwrap_or_default(),
+            content_id: f.get_by_name("content_id").ok().flatten(),
+            content: f.get_by_name::<Vec<u8>, _>("content").ok().flatten().unwrap_or_default(),
+        };
+        if let Some(j) = jobs.iter_mut().find(|j| j.id == id) {
+            j.stored.attachments.push(a);
+        }
+    }
 }
 
-/// Every current template, for layouts and partials.
-pub fn load_templates() -> Library {
-    BackgroundWorker::transaction(crate::api::templates::read_library)
+/// Reads the template versions the claimed template mail pinned.
+fn attach_pinned_versions(client: &mut pgrx::spi::SpiClient, jobs: &mut [Job]) {
+    let (names, versions): (Vec<String>, Vec<i32>) =
+        jobs.iter().filter_map(|j| j.template.as_ref().map(|(n, v, _)| (n.clone(), *v))).unzip();
+    if names.is_empty() {
+        return;
+    }
+    for r in spi(client.select(PINNED_VERSIONS, None, &[names.into(), versions.into()])) {
+        let name: String = r.get_by_name("name").ok().flatten().unwrap_or_default();
+        let version: i32 = r.get_by_name("version").ok().flatten().unwrap_or_default();
+        let parts = Parts {
+            subject: r.get_by_name("subject").ok().flatten().unwrap_or_default(),
+            body: r.get_by_name("body").ok().flatten(),
+            html: r.get_by_name("html").ok().flatten(),
+        };
+        for j in jobs.iter_mut() {
+            if j.template.as_ref().is_some_and(|(n, v, _)| *n == name && *v == version) {
+                j.pinned = Some(parts.clone());
+            }
+        }
+    }
+}
+
+/// The current templates (layouts and partials), read again only when they changed.
+pub fn templates() -> std::sync::Arc<Library> {
+    BackgroundWorker::transaction(|| spi(crate::catalog::library()))
 }
 
 /// One captured message for `email.captured`.
@@ -212,16 +210,14 @@ pub fn complete(plans: &[Plan], captured: &[Captured]) {
     let has_captured = captured.as_array().is_some_and(|a| !a.is_empty());
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            spi(client.update(COMPLETE, None, &[JsonB(updates).into()]));
-            spi(client.update(RECEIPTS, None, &[JsonB(receipts).into(), JsonB(serde_json::Value::Array(suppress)).into()]));
+            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(updates).into()]));
+            spi(client.update(
+                RECORD_RECEIPTS,
+                None,
+                &[JsonB(receipts).into(), JsonB(serde_json::Value::Array(suppress)).into()],
+            ));
             if has_captured {
-                spi(client.update(
-                    "INSERT INTO email.captured (message_id, transport, envelope_from, envelope_to, raw) \
-                     SELECT c.message_id, c.transport, c.envelope_from, c.envelope_to, decode(c.raw, 'base64') \
-                     FROM jsonb_to_recordset($1) AS c(message_id bigint, transport text, envelope_from text, envelope_to text[], raw text)",
-                    None,
-                    &[JsonB(captured).into()],
-                ));
+                spi(client.update(RECORD_CAPTURED, None, &[JsonB(captured).into()]));
             }
         })
     });
@@ -234,12 +230,7 @@ pub fn release(ids: Vec<i64>) {
     }
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            spi(client.update(
-                "UPDATE email.messages SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_until = NULL, \
-                 claimed_by = NULL, next_attempt_at = now(), updated_at = now() WHERE id = ANY($1) AND status = 'sending'",
-                None,
-                &[ids.into()],
-            ));
+            spi(client.update(RELEASE, None, &[ids.into()]));
         })
     });
 }
@@ -248,8 +239,7 @@ pub fn release(ids: Vec<i64>) {
 pub fn reap(slot: Option<i32>) -> usize {
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            let sql = format!("WITH r AS ({MAINTAIN} RETURNING 1) SELECT count(*) FROM r");
-            spi(client.update(sql.as_str(), None, &[slot.unwrap_or(-1).into()]))
+            spi(client.update(REAP_LEASES, None, &[slot.unwrap_or(-1).into()]))
                 .first()
                 .get::<i64>(1)
                 .ok()
@@ -261,40 +251,24 @@ pub fn reap(slot: Option<i32>) -> usize {
 
 /// Milliseconds until the earliest queued row is due (0 when one is due now), `None` when empty.
 pub fn next_due_ms() -> Option<f64> {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<f64>(
-            "SELECT greatest(extract(epoch FROM min(next_attempt_at) - now()) * 1000, 0)::float8 \
-             FROM email.messages WHERE status = 'queued'",
-        )
-        .ok()
-        .flatten()
-    })
+    BackgroundWorker::transaction(|| Spi::get_one::<f64>(NEXT_DUE_MS).ok().flatten())
 }
 
 /// A cheap fingerprint of the transport table, to notice changes.
 pub fn transports_version() -> String {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<String>("SELECT count(*)::text || '/' || coalesce(max(updated_at)::text, '') FROM email.transports")
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-    })
+    BackgroundWorker::transaction(|| Spi::get_one::<String>(TRANSPORTS_FINGERPRINT).ok().flatten().unwrap_or_default())
 }
 
 pub fn load_transports() -> Vec<TransportRow> {
     BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
-            spi(client.select(
-                "SELECT t.name, t.fallback, s.dsn FROM email.transports t JOIN email.transport_secrets s USING (name)",
-                None,
-                &[],
-            ))
-            .map(|r| TransportRow {
-                name: r.get(1).ok().flatten().unwrap_or_default(),
-                fallback: r.get(2).ok().flatten(),
-                dsn: r.get(3).ok().flatten().unwrap_or_default(),
-            })
-            .collect()
+            spi(client.select(TRANSPORTS, None, &[]))
+                .map(|r| TransportRow {
+                    name: r.get_by_name("name").ok().flatten().unwrap_or_default(),
+                    fallback: r.get_by_name("fallback").ok().flatten(),
+                    dsn: r.get_by_name("dsn").ok().flatten().unwrap_or_default(),
+                })
+                .collect()
         })
     })
 }
@@ -303,18 +277,7 @@ pub fn load_transports() -> Vec<TransportRow> {
 pub fn purge_older_than(secs: f64) -> i64 {
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            spi(client.update(
-                "WITH d AS (DELETE FROM email.messages WHERE id IN (SELECT id FROM email.messages \
-                 WHERE status IN ('sent', 'delivered', 'bounced', 'failed', 'cancelled', 'suppressed') \
-                 AND created_at < now() - $1 * interval '1 second' LIMIT 10000) RETURNING 1) SELECT count(*) FROM d",
-                None,
-                &[secs.into()],
-            ))
-            .first()
-            .get::<i64>(1)
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+            spi(client.update(PURGE_FINISHED, None, &[secs.into()])).first().get::<i64>(1).ok().flatten().unwrap_or(0)
         })
     })
 }

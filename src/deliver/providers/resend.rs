@@ -1,28 +1,64 @@
-//! Resend: `POST /emails`, Bearer key, an `Idempotency-Key` derived from the message so that a
-//! retry after a lost answer is not sent twice.
+//! Resend: `POST /emails` with `Authorization: Bearer KEY` and an `Idempotency-Key` derived
+//! from the message, so that a retry after a lost answer is not sent twice. DSN:
+//! `resend+api://KEY@default`.
 
-use reqwest::header::HeaderMap;
+use lettre::message::Mailbox;
 use serde_json::{json, Map, Value};
 
-use super::super::http::{classify, named_in, refused, Body, Config, Fields, Request};
-use super::super::Delivery;
-use super::{accepted, b64, json_body, tag_safe};
+use super::super::rate::fnv1a;
+use super::super::{Delivery, Outgoing};
+use super::common::{accepted, b64, classify, json_body, named_in, one_key, or_body, refused, tag_safe};
+use super::{Answer, Body, Config, Fields, Options, Provider, Request, SecretIn, Userinfo};
 
-pub fn idempotency_key(f: &Fields) -> String {
-    // Same message and same recipients → same key; a retry for fewer recipients gets a new one.
+pub struct Resend;
+
+impl Provider for Resend {
+    fn name(&self) -> &'static str {
+        "resend"
+    }
+
+    fn schemes(&self) -> &'static [&'static str] {
+        &["resend+api", "resend"]
+    }
+
+    fn options(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn secret_in(&self) -> SecretIn {
+        SecretIn::User
+    }
+
+    fn check_dsn(&self, u: Userinfo<'_>, _: &mut Options) -> Result<(), String> {
+        one_key(self.name(), u)
+    }
+
+    fn default_host(&self, _: &Options) -> String {
+        "api.resend.com".into()
+    }
+
+    fn request(&self, c: &Config, _: &Outgoing, f: &Fields) -> Result<Request, String> {
+        request(c, f)
+    }
+
+    fn answer(&self, a: &Answer<'_>, f: &Fields) -> Delivery {
+        answer(a, f)
+    }
+}
+
+/// The same message to the same recipients gets the same key; a retry for fewer recipients (after
+/// some were refused) gets a new one.
+fn idempotency_key(f: &Fields) -> String {
     let mut rcpts: Vec<String> = f.all_recipients().map(|m| m.email.to_string().to_lowercase()).collect();
     rcpts.sort();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in rcpts.join(",").bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-    }
+    let h = fnv1a(rcpts.join(",").as_bytes());
     let id: String = f.message_id.trim_matches(|c| c == '<' || c == '>').chars().take(200).collect();
     format!("{id}-{h:016x}")
 }
 
-pub fn request(c: &Config, f: &Fields) -> Result<Request, String> {
+fn request(c: &Config, f: &Fields) -> Result<Request, String> {
     let from = f.from.as_ref().ok_or("no sender")?;
-    let s = |v: &[lettre::message::Mailbox]| v.iter().map(|m| m.to_string()).collect::<Vec<_>>();
+    let s = |v: &[Mailbox]| v.iter().map(|m| m.to_string()).collect::<Vec<_>>();
     let mut b = Map::new();
     b.insert("from".into(), json!(from.to_string()));
     b.insert("to".into(), json!(s(&f.to)));
@@ -59,6 +95,8 @@ pub fn request(c: &Config, f: &Fields) -> Result<Request, String> {
             .collect();
         b.insert("attachments".into(), atts.into());
     }
+    // Tags are name/value pairs of letters, digits, `_` and `-`: a tag becomes `name=true`, a
+    // metadata entry `key=value`.
     let mut tags: Vec<Value> = f.tags.iter().map(|t| json!({"name": tag_safe(t), "value": "true"})).collect();
     tags.extend(f.metadata_strings().iter().map(|(k, v)| json!({"name": tag_safe(k), "value": tag_safe(v)})));
     if !tags.is_empty() {
@@ -66,27 +104,130 @@ pub fn request(c: &Config, f: &Fields) -> Result<Request, String> {
     }
     Ok(Request {
         path: "/emails".into(),
-        headers: vec![("Authorization".into(), format!("Bearer {}", c.key)), ("Idempotency-Key".into(), idempotency_key(f))],
+        headers: vec![
+            ("Authorization".into(), format!("Bearer {}", c.key)),
+            ("Idempotency-Key".into(), idempotency_key(f)),
+        ],
         body: Body::Json(json_body(&Value::Object(b))?),
     })
 }
 
-pub fn answer(status: u16, headers: &HeaderMap, json: &Value, f: &Fields) -> Delivery {
+/// `200 {"id"}`; errors are `{"statusCode", "name", "message"}`, and a 422 `validation_error`
+/// may name refused recipients in its message.
+fn answer(a: &Answer<'_>, f: &Fields) -> Delivery {
+    let status = a.status;
     if status == 200 {
-        let id = json.get("id").and_then(Value::as_str).map(str::to_string);
+        let id = a.json.get("id").and_then(Value::as_str).map(str::to_string);
         return accepted(status, id, "accepted");
     }
-    let name = json.get("name").and_then(Value::as_str).map(str::to_string);
-    let message = json.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+    let name = a.json.get("name").and_then(Value::as_str).map(str::to_string);
+    let message = a.json.get("message").and_then(Value::as_str).unwrap_or("").to_string();
     let mut rejected = Vec::new();
     if status == 422 && name.as_deref() == Some("validation_error") {
-        for a in named_in(f, &message) {
-            rejected.push(refused(&a, &format!("HTTP {status}: {message}")));
+        for addr in named_in(f, &message) {
+            rejected.push(refused(&addr, name.as_deref(), &format!("HTTP {status}: {message}")));
         }
     }
     if status == 409 && name.as_deref() == Some("concurrent_idempotent_requests") {
         // The same key is still being processed: try again shortly.
-        return classify(503, headers, name, message, rejected);
+        return classify(503, a.headers, name, message, rejected);
     }
-    classify(status, headers, name, if message.is_empty() { json.to_string() } else { message }, rejected)
+    classify(status, a.headers, name, or_body(message, &a.json), rejected)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::super::testing::{answer, config, error_reply, fields, header, json_of, refusal, request};
+    use super::*;
+
+    #[test]
+    fn request_carries_a_bearer_key_and_an_idempotency_key() {
+        let r = request(&Resend, &config("re_key", None, &[]));
+        assert_eq!(r.path, "/emails");
+        assert_eq!(header(&r, "Authorization"), Some("Bearer re_key"));
+        let h = fnv1a(b"ann@example.net,bob@example.net,carol@example.net");
+        assert_eq!(header(&r, "Idempotency-Key"), Some(format!("m1@example.org-{h:016x}").as_str()));
+        assert_eq!(
+            json_of(&r),
+            json!({
+                "from": "Shop <shop@example.org>",
+                "to": ["Ann <ann@example.net>", "bob@example.net"],
+                "cc": ["carol@example.net"],
+                "reply_to": ["help@example.org"],
+                "subject": "Your order",
+                "html": "<p>Thanks</p>",
+                "text": "Thanks",
+                "headers": {"X-Order": "42", "Message-ID": "<m1@example.org>"},
+                "attachments": [
+                    {"content": "aGVsbG8=", "filename": "a.txt", "content_type": "text/plain"},
+                    {"content": "AQID", "filename": "logo.png", "content_type": "image/png", "content_id": "logo"},
+                ],
+                "tags": [
+                    {"name": "welcome", "value": "true"},
+                    {"name": "n", "value": "7"},
+                    {"name": "order", "value": "42"},
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn idempotency_key_changes_with_the_recipients_only() {
+        let mut f = fields();
+        let all = idempotency_key(&f);
+        f.subject = "Another subject".into();
+        f.to.reverse();
+        assert_eq!(idempotency_key(&f), all);
+        f.cc.clear();
+        assert_ne!(idempotency_key(&f), all);
+        assert!(idempotency_key(&f).starts_with("m1@example.org-"));
+    }
+
+    #[test]
+    fn success_carries_the_id() {
+        let d = answer(&Resend, 200, &[], r#"{"id":"49a3999c-0ce1-4ea6-ab68-afcd6dc2e794"}"#);
+        assert_eq!(d, accepted(200, Some("49a3999c-0ce1-4ea6-ab68-afcd6dc2e794".into()), "accepted"));
+    }
+
+    #[test]
+    fn rate_limits_and_busy_keys_are_retried() {
+        let body = r#"{"statusCode":429,"name":"rate_limit_exceeded","message":"Too many requests"}"#;
+        let d = answer(&Resend, 429, &[("retry-after", "1")], body);
+        let reply = error_reply(429, Some("rate_limit_exceeded"), "HTTP 429: Too many requests");
+        assert_eq!(d, Delivery::Transient { reply, retry_after: Some(Duration::from_secs(1)), rejected: vec![] });
+        let body = r#"{"statusCode":409,"name":"concurrent_idempotent_requests","message":"Same key in progress"}"#;
+        let d = answer(&Resend, 409, &[], body);
+        let reply = error_reply(503, Some("concurrent_idempotent_requests"), "HTTP 503: Same key in progress");
+        assert_eq!(d, Delivery::Transient { reply, retry_after: None, rejected: vec![] });
+    }
+
+    #[test]
+    fn other_errors_are_permanent_with_the_error_name() {
+        let body = r#"{"statusCode":403,"name":"invalid_api_key","message":"API key is invalid"}"#;
+        let reply = error_reply(403, Some("invalid_api_key"), "HTTP 403: API key is invalid");
+        assert_eq!(answer(&Resend, 403, &[], body), Delivery::Permanent { reply, rejected: vec![] });
+    }
+
+    #[test]
+    fn validation_errors_naming_recipients_refuse_them() {
+        let message = "Invalid `to` field. bob@example.net is not a valid email address.";
+        let body = json!({"statusCode": 422, "name": "validation_error", "message": message}).to_string();
+        let d = answer(&Resend, 422, &[], &body);
+        let text = format!("HTTP 422: {message}");
+        let bob = refusal("bob@example.net", Some("validation_error"), &text);
+        let reply = error_reply(422, Some("validation_error"), &text);
+        // Only one of three refused: the others are retried.
+        assert_eq!(d, Delivery::Transient { reply, retry_after: None, rejected: vec![bob] });
+
+        let message = "ann@example.net, bob@example.net and carol@example.net are not valid";
+        let body = json!({"statusCode": 422, "name": "validation_error", "message": message}).to_string();
+        let Delivery::Permanent { reply, rejected } = answer(&Resend, 422, &[], &body) else { panic!("not permanent") };
+        assert_eq!((reply.enhanced, reply.provider_code.as_deref()), (None, Some("validation_error")));
+        assert_eq!(rejected.len(), 3);
+        assert!(rejected.iter().all(|(_, r)| r.enhanced.as_deref() == Some("5.1.1")));
+    }
 }

@@ -3,7 +3,6 @@
 //! accepted and turned into a message that an independent parser (`mailparse`) reads back with
 //! the same values — and nothing ever panics.
 
-#[cfg(test)]
 mod tests {
     use proptest::prelude::*;
     use serde_json::json;
@@ -23,7 +22,12 @@ mod tests {
         ]
     }
 
-    fn stored(to: Vec<String>, subject: String, headers: Vec<(String, String)>, attachments: Vec<message::Attachment>) -> Stored {
+    fn stored(
+        to: Vec<String>,
+        subject: String,
+        headers: Vec<(String, String)>,
+        attachments: Vec<message::Attachment>,
+    ) -> Stored {
         Stored {
             sender: "Sender <s@x.org>".into(),
             recipients: to,
@@ -127,10 +131,27 @@ mod tests {
             Just("{{ x | default('y') }}{% if a is defined %}{{ a }}{% endif %}".to_string()),
         ]) {
             let parts = render::Parts { subject: "s".into(), body: Some(src.clone()), html: Some(src) };
-            if render::check_syntax("t", &parts).is_ok() {
-                let lib = std::sync::Arc::new(render::Library::new());
-                let limits = render::Limits { fuel: 100_000, max_size: 1 << 20 };
-                let _ = render::render("t", &parts, &lib, &json!({"x": "<b>", "items": [1, 2]}), limits);
+            match render::check_syntax("t", &parts) {
+                // A refused source is a syntax error that names the template and a position.
+                Err(e) => {
+                    let positioned = matches!(&e, render::RenderError::Syntax { line, column, .. } if *line >= 1 && *column >= 1);
+                    prop_assert!(positioned, "not a positioned syntax error: {:?}", e);
+                    prop_assert!(e.to_string().starts_with("template \"t\""), "{}", e);
+                }
+                // An accepted one renders within the limits, or fails with an error naming it.
+                Ok(()) => {
+                    let lib = std::sync::Arc::new(render::Library::new());
+                    let limits = render::Limits { fuel: 100_000, max_size: 1 << 20 };
+                    match render::render("t", &parts, &lib, &json!({"x": "<b>", "items": [1, 2]}), limits) {
+                        Ok(p) => {
+                            prop_assert_eq!(p.subject.as_str(), "s");
+                            let size = p.body.as_ref().map_or(0, String::len) + p.html.as_ref().map_or(0, String::len);
+                            prop_assert!(p.body.is_some() && p.html.is_some());
+                            prop_assert!(size <= 1 << 20, "{} bytes", size);
+                        }
+                        Err(e) => prop_assert!(e.to_string().starts_with("template \"t\""), "{}", e),
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,8 @@
+-- Deletes finished messages created longer ago than $1 (their receipts, attachments and
+-- captures go with them through ON DELETE CASCADE); returns how many messages went.
+WITH gone AS (
+    DELETE FROM email.messages
+    WHERE email._is_finished(status) AND created_at < now() - $1
+    RETURNING 1
+)
+SELECT count(*) FROM gone

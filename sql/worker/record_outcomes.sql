@@ -1,0 +1,18 @@
+-- Records a batch of outcomes ($1: jsonb array of deliver::outcome::Update). A row is only
+-- changed while it is still this attempt's lease, so a late result never overwrites a newer
+-- claim. What the statuses mean is decided in Rust (deliver/outcome.rs); this statement only
+-- keeps what must be derived from the row itself: sent_at is set once, by the first attempt
+-- that reached a recipient, and pending_recipients lives only while the message is queued.
+UPDATE email.messages m
+SET status = u.status::email.status,
+    next_attempt_at = CASE WHEN u.status = 'queued' THEN now() + u.delay_ms * interval '1 millisecond' ELSE m.next_attempt_at END,
+    transport = u.transport,
+    last_error = u.last_error,
+    provider_message_id = coalesce(u.provider_message_id, m.provider_message_id),
+    pending_recipients = CASE WHEN u.status = 'queued' THEN coalesce(u.pending, m.pending_recipients) END,
+    sent_at = CASE WHEN u.status = 'sent' OR (u.status = 'queued' AND u.provider_message_id IS NOT NULL)
+                   THEN coalesce(m.sent_at, now()) ELSE m.sent_at END,
+    lease_until = NULL, claimed_by = NULL, updated_at = now()
+FROM jsonb_to_recordset($1) AS u(id bigint, attempt int, status text, delay_ms float8, transport text,
+                                 last_error text, provider_message_id text, pending text[])
+WHERE m.id = u.id AND m.status = 'sending' AND m.attempts = u.attempt

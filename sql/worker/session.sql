@@ -1,0 +1,10 @@
+-- Session settings for the worker's own queries. The claim must walk the partial index of
+-- queued rows in order and stop after a batch; with statistics that lag behind a freshly
+-- filled queue the planner may prefer a sequential scan and a sort of the whole queue (seen in
+-- profiles: O(queue) per claim). Every worker query has an index that fits, so seq scans and
+-- sorts are discouraged for this session; disabled plan types carry a huge cost, which would
+-- otherwise trigger JIT compilation.
+SET enable_seqscan = off;
+SET enable_sort = off;
+SET jit = off;
+SET application_name = 'pg_email worker';
