@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts or stops a throwaway PostgreSQL 15 cluster, run as user postgres, with pg_email preloaded.
+# Starts, restarts or stops a throwaway PostgreSQL 15 cluster, run as user postgres, with pg_email preloaded.
 #   scripts/cluster.sh start DIR PORT DB [extra postgresql.conf lines...]
+#   scripts/cluster.sh restart DIR [fast|immediate]   (immediate: a crash, then crash recovery)
 #   scripts/cluster.sh stop DIR
 set -euo pipefail
 PGBIN=/usr/lib/postgresql/15/bin
@@ -26,8 +27,14 @@ start)
     as_pg $PGBIN/pg_ctl -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
     as_pg $PGBIN/createdb -h 127.0.0.1 -p "$port" -U postgres "$db"
     ;;
+restart)
+    mode=${3:-fast}
+    case "$mode" in fast|immediate) ;; *) echo "restart mode must be fast or immediate, not $mode" >&2; exit 2 ;; esac
+    as_pg $PGBIN/pg_ctl -D "$dir/data" -m "$mode" -w -t 120 stop >/dev/null
+    as_pg $PGBIN/pg_ctl -D "$dir/data" -l "$dir/server.log" -w -t 120 start >/dev/null
+    ;;
 stop)
     [ -f "$dir/data/postmaster.pid" ] && as_pg $PGBIN/pg_ctl -D "$dir/data" -m fast -w stop >/dev/null || true
     ;;
-*) echo "usage: $0 start DIR PORT DB [conf...] | stop DIR" >&2; exit 2 ;;
+*) echo "usage: $0 start DIR PORT DB [conf...] | restart DIR [fast|immediate] | stop DIR" >&2; exit 2 ;;
 esac

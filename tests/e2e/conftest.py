@@ -1,9 +1,12 @@
 """End-to-end fixtures: one throwaway PostgreSQL cluster, started as user postgres with pg_email
 preloaded, shared by the whole session. Database `mail` has the worker; database `api` has the
 extension but no worker, so rows queued there stay exactly as email.send stored them."""
+import collections
 import os
+import signal
 import subprocess
 import time
+import uuid
 
 import psycopg2
 import psycopg2.extensions
@@ -13,6 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 E2E_DIR = os.environ.get("E2E_DIR", os.path.join(ROOT, ".e2e"))
 PORT = int(os.environ.get("E2E_PORT", "5499"))
 CLUSTER_DIR = os.path.join(E2E_DIR, "pg")
+CLUSTER_SH = os.path.join(ROOT, "scripts", "cluster.sh")
+PGBIN = "/usr/lib/postgresql/15/bin"
+# How long a wait may take before a test fails: generous, for a loaded 2-core CI machine.
+SLOW = 120.0
 CONF = [
     "pg_email.retry_base = '1s'",
     "pg_email.retry_max = '4s'",
@@ -77,14 +84,146 @@ def worker_pids(db):
     return [r[0] for r in db.all("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")]
 
 
-def fresh(db="mail"):
+def fresh(db="mail", timeout=SLOW):
     """A new connection, retried while the server restarts."""
-    for _ in range(300):
+    deadline = time.monotonic() + timeout
+    while True:
         try:
             return Db(connect(db))
-        except psycopg2.OperationalError:
+        except psycopg2.OperationalError as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not accept connections within {timeout:.0f} s: {e}")
             time.sleep(0.1)
-    raise AssertionError("server did not come back")
+
+
+def val_retry(q, *args, db="mail", timeout=SLOW):
+    """q's value on a fresh connection, retried while the server restarts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            d = fresh(db, timeout=timeout)
+            try:
+                return d.val(q, *args)
+            finally:
+                d.conn.close()
+        except psycopg2.Error as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"query kept failing for {timeout:.0f} s: {q}: {e}")
+            time.sleep(0.1)
+
+
+def wait_until(pred, what, timeout=SLOW, every=0.05):
+    """Polls pred() until it is true; AssertionError naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def send(db, transport=None, **kw):
+    """email.send with named arguments from kw (values go as query parameters); returns the id.
+    Unless given: recipients 'ok@example.test', a unique subject 't-...', body 'hello', and the
+    default transport."""
+    args = {"recipients": "ok@example.test", "subject": f"t-{uuid.uuid4().hex[:10]}", "body": "hello", **kw}
+    if transport is not None:
+        args["transport"] = transport
+    cols = ", ".join(f"{k} => %s" for k in args)
+    return db.val(f"SELECT email.send({cols})", *args.values())
+
+
+def status(db, mid):
+    """The message's status as text (None when there is no such row)."""
+    return db.val("SELECT status::text FROM email.messages WHERE id = %s", mid)
+
+
+def wait_status(db, mid, expect, timeout=60.0):
+    """Waits until the message has status `expect`; returns the time it took."""
+    return db.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect=expect, timeout=timeout)
+
+
+def kill_workers():
+    """SIGKILLs every pg_email worker. The postmaster treats that as a crash: it ends every
+    backend and restarts the server (crash recovery), as after a power cut of the workers."""
+    d = fresh()
+    pids = worker_pids(d)
+    d.conn.close()
+    assert pids, "no pg_email worker to kill"
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+    return pids
+
+
+def restart_immediate():
+    """Stops the e2e cluster with `pg_ctl -m immediate` (no shutdown checkpoint, backends
+    SIGQUIT) and starts it again: a crash of the whole server."""
+    subprocess.run(["bash", CLUSTER_SH, "restart", CLUSTER_DIR, "immediate"], check=True)
+
+
+def wait_for_workers(n=2, timeout=SLOW):
+    """Waits until n pg_email workers are running (after a start or a crash)."""
+    q = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_email worker'"
+    wait_until(lambda: val_retry(q, timeout=timeout) >= n, f"{n} pg_email workers", timeout, every=0.1)
+
+
+def sink_counts(sink, settle=1.0):
+    """How often each Message-ID reached smtp-sink (a Counter), read after `settle` seconds."""
+    time.sleep(settle)
+    return collections.Counter(sink.message_ids())
+
+
+def check_crash_copies(db, sink, tag, crashes):
+    """The duplicate rule of DESIGN.md principle 2, message by message, for the messages tagged
+    `tag`: each reached the sink at least once, and more than once only for a crash during which
+    it was in flight (status 'sending').
+
+    Which crashes caught a message in flight is read from committed rows, so it is exact and does
+    not race with the kill: a claim commits status 'sending' with attempts + 1, and its outcome
+    commits the new status with a receipt carrying that attempt number (queue::complete, one
+    transaction). A claim with no receipt was therefore cut short by a crash. A snapshot of the
+    'sending' rows taken just before a kill is not exact: rows claimed between the snapshot and
+    the kill are missed, and after the restart each worker requeues and resends what its slot
+    left claimed (the start-up reap) before a second snapshot could see them.
+
+    Asserts, for every message: copies seen >= 1; copies <= 1 + claims cut short; claims cut
+    short <= crashes. And in total: claims cut short <= crashes x workers x max_in_flight, the
+    most that can be in flight at the crashes. Returns (copies Counter, {Message-ID: cut short})."""
+    rows = db.all("""SELECT m.message_id, m.attempts - (SELECT count(DISTINCT r.attempt) FROM email.receipts r
+                                                        WHERE r.message_id = m.id AND r.attempt IS NOT NULL)
+                     FROM email.messages m WHERE %s = ANY(m.tags)""", tag)
+    assert rows, f"no message tagged {tag}"
+    cut_short = dict(rows)
+    copies = sink_counts(sink)
+    missing = [m for m in cut_short if copies[m] == 0]
+    assert not missing, f"{len(missing)} of {len(rows)} messages never reached the sink, e.g. {missing[:5]}"
+    over = [(m, copies[m], c) for m, c in cut_short.items() if copies[m] > 1 + c]
+    assert not over, ("sent more often than once plus once per crash that caught it in flight "
+                      f"(Message-ID, copies, crashes in flight): {over[:10]} ({len(over)} in all)")
+    assert max(cut_short.values()) <= crashes, f"a message was in flight at more than {crashes} crashes"
+    in_flight = int(db.val("SHOW pg_email.max_in_flight")) * int(db.val("SHOW pg_email.workers"))
+    assert sum(cut_short.values()) <= crashes * in_flight, (sum(cut_short.values()), crashes, in_flight)
+    return copies, cut_short
+
+
+@pytest.fixture
+def empty_outbox(mail):
+    """`mail` with an empty outbox of its own: queued rows left by earlier tests are cancelled,
+    the fixture waits (up to SLOW) until no worker holds a row, then email.messages is truncated
+    (with its receipts, attachments and captures). A fault test so measures its own messages on
+    a table without the dead rows and index entries of the tests before it."""
+    deadline = time.monotonic() + SLOW
+    while True:
+        try:
+            mail.all("UPDATE email.messages SET status = 'cancelled' WHERE status = 'queued'")
+        except psycopg2.errors.DeadlockDetected:  # a worker updates the same rows
+            continue
+        left = mail.val("SELECT count(*) FROM email.messages WHERE status IN ('queued', 'sending')")
+        if left == 0:
+            break
+        assert time.monotonic() < deadline, f"{left} messages still queued or sending after {SLOW:.0f} s"
+        time.sleep(0.2)
+    mail.all("TRUNCATE email.messages CASCADE")
+    return mail
 
 
 def server_log():
@@ -94,13 +233,13 @@ def server_log():
 
 @pytest.fixture(scope="session")
 def cluster():
-    subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "start", CLUSTER_DIR, str(PORT), "mail", *CONF], check=True)
+    subprocess.run(["bash", CLUSTER_SH, "start", CLUSTER_DIR, str(PORT), "mail", *CONF], check=True)
     admin = Db(connect("postgres"))
     admin.all("CREATE DATABASE api")
     for db in ("mail", "api"):
         Db(connect(db)).all("CREATE EXTENSION pg_email")
     yield
-    subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "stop", CLUSTER_DIR], check=False)
+    subprocess.run(["bash", CLUSTER_SH, "stop", CLUSTER_DIR], check=False)
 
 
 @pytest.fixture

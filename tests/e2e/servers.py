@@ -9,12 +9,10 @@ Everything here listens on 127.0.0.1 only and is meant to run under Debian's /us
     Blackhole(port)                         accepts TCP connections and never says a word
     SmtpSink(port, base_dir)                Postfix's smtp-sink, recording every Message-ID
 
-All classes have start()/stop() and are context managers. start() returns only once the port
-answers; stop() is idempotent and leaves no process or thread behind. As a safety net every
-server still running when the interpreter exits is stopped by an atexit hook.
+All classes have start()/stop() and are context managers (live.Server). start() returns only
+once the port answers; stop() is idempotent and leaves no process or thread behind. As a safety
+net every server still running when the interpreter exits is stopped (live.stop_all).
 """
-import asyncio
-import atexit
 import email
 import email.parser
 import email.policy
@@ -32,83 +30,13 @@ import subprocess
 import threading
 import time
 
+from live import HOST, Server
+
 __all__ = ["Postfix", "AioSmtp", "make_ca", "Blackhole", "SmtpSink"]
 
-HOST = "127.0.0.1"
 POSTFIX = "/usr/sbin/postfix"
 SMTP_SINK = "/usr/sbin/smtp-sink"
 OPENSSL = "/usr/bin/openssl"
-
-# Servers started and not yet stopped; stopped at interpreter exit if a test forgot to.
-_LIVE = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _register(server):
-    with _LIVE_LOCK:
-        _LIVE.add(server)
-
-
-def _unregister(server):
-    with _LIVE_LOCK:
-        _LIVE.discard(server)
-
-
-@atexit.register
-def _stop_all():
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for s in servers:
-        try:
-            s.stop()
-        except Exception:
-            pass
-
-
-class _Server:
-    """start()/stop() plus the context-manager protocol. Subclasses implement _start/_stop;
-    a failing _start is cleaned up by _stop before the error propagates."""
-
-    _running = False
-
-    def start(self):
-        if self._running:
-            return self
-        try:
-            self._start()
-        except BaseException:
-            try:
-                self._stop()
-            except Exception:
-                pass
-            raise
-        self._running = True
-        _register(self)
-        return self
-
-    def stop(self):
-        try:
-            self._stop()
-        finally:
-            self._running = False
-            _unregister(self)
-
-    @property
-    def running(self):
-        return self._running
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
-
-    def _start(self):
-        raise NotImplementedError
-
-    def _stop(self):
-        raise NotImplementedError
 
 
 def _wait_for_port(port, timeout, *, banner=True, alive=None, what="server"):
@@ -260,7 +188,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class Postfix(_Server):
+class Postfix(Server):
     """A private Postfix instance (config, queue, data, Maildir and log all under base_dir),
     listening on 127.0.0.1:port without TLS. Mail for any recipient in `domains` is accepted
     from 127.0.0.0/8 and delivered by virtual(8) into one shared Maildir, base_dir/Maildir.
@@ -268,7 +196,7 @@ class Postfix(_Server):
     sits in the queue waiting for DNS. `reject` maps recipient addresses to access(5) answers
     given at RCPT time, e.g. {"busy@example.test": "450 4.2.0 Mailbox busy, try later"}.
 
-    base_dir must be under /var/tmp or /work/main/.e2e (not /tmp) and every directory above it
+    base_dir must be under /var/tmp or the checkout's .e2e/ (not /tmp) and every directory above it
     must be searchable by user postfix. start() wipes the instance's own sub-directories
     (etc, queue, data, Maildir, maillog) so each start begins with an empty queue and Maildir.
     """
@@ -633,7 +561,7 @@ class _AioHandler:
         return "250 2.0.0 Message accepted for delivery"
 
 
-class AioSmtp(_Server):
+class AioSmtp(Server):
     """An aiosmtpd server on 127.0.0.1:port in a background thread of the test process.
 
     tls: "none" (plain), "starttls" (STARTTLS offered, not required) or "implicit" (TLS from
@@ -837,7 +765,7 @@ def make_ca(dir):
 # --------------------------------------------------------------------------------------------
 
 
-class Blackhole(_Server):
+class Blackhole(Server):
     """Accepts TCP connections on 127.0.0.1:port and never sends a byte (nor reads one);
     connections stay open until stop(). .connections counts accepted connections."""
 
@@ -896,7 +824,7 @@ class Blackhole(_Server):
 _SINK_MARK = "=====pg_email-smtp-sink-message====="
 
 
-class SmtpSink(_Server):
+class SmtpSink(Server):
     """Postfix's smtp-sink on 127.0.0.1:port, as fast as it gets, recording every message.
 
     smtp-sink runs with -D (shared dump file): each transaction is captured to an unlinked

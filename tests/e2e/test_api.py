@@ -10,7 +10,7 @@ import time
 import psycopg2
 import pytest
 
-from conftest import Db, connect, server_log, PORT, E2E_DIR
+from conftest import E2E_DIR, PGBIN, PORT, Db, connect, server_log, status
 
 B64 = base64.b64encode(b"hello").decode()
 
@@ -193,7 +193,7 @@ def test_suppressed_recipients_are_dropped(api):
     assert row == ("queued", ["ok@x.org"])
     assert api.all("SELECT event, recipient FROM email.receipts WHERE message_id = %s", mid) == [("suppressed", "gone@x.org")]
     mid2 = api.val("SELECT email.send(recipients => 'gone@x.org', subject => 's', body => 'b')")
-    assert api.val("SELECT status::text FROM email.messages WHERE id = %s", mid2) == "suppressed"
+    assert status(api, mid2) == "suppressed"
     assert api.val("SELECT count(*) FROM email.receipts WHERE message_id = %s AND event = 'suppressed'", mid2) == 1
 
 
@@ -201,7 +201,7 @@ def test_cancel_retry_purge(api):
     mid = api.val("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b')")
     assert api.val("SELECT email.cancel(%s)", mid) is True
     assert api.val("SELECT email.cancel(%s)", mid) is False
-    assert api.val("SELECT status::text FROM email.messages WHERE id = %s", mid) == "cancelled"
+    assert status(api, mid) == "cancelled"
     assert api.val("SELECT event FROM email.receipts WHERE message_id = %s", mid) == "cancelled"
     assert api.val("SELECT email.retry(%s)", mid) is False
     api.all("UPDATE email.messages SET status = 'failed', attempts = 3 WHERE id = %s", mid)
@@ -294,11 +294,11 @@ def test_pg_dump_keeps_transports_templates_and_messages(api):
     api.all("INSERT INTO email.templates (name, subject, body) VALUES ('welcome', 'Hi', 'Hello')")
     api.all("UPDATE email.templates SET body = 'Hello again' WHERE name = 'welcome'")
     mid = api.val("SELECT email.send(recipients => 'a@x.org', subject => 'kept', body => 'b')")
-    out = subprocess.run(["pg_dump", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "api"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([f"{PGBIN}/pg_dump", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "api"], check=True, capture_output=True, text=True).stdout
     admin = Db(connect("postgres"))
     admin.all("DROP DATABASE IF EXISTS api_restored")
     admin.all("CREATE DATABASE api_restored")
-    r = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "api_restored"],
+    r = subprocess.run([f"{PGBIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "api_restored"],
                        input=out, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     restored = Db(connect("api_restored"))
@@ -317,10 +317,10 @@ def test_refuses_to_load_without_preload(cluster):
     d = os.path.join(E2E_DIR, "nopreload")
     subprocess.run(["bash", "-c", f"""
         rm -rf {d} && mkdir -p {d} && chown postgres {d} &&
-        runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D {d}/data -U postgres -A trust >/dev/null &&
+        runuser -u postgres -- {PGBIN}/initdb -D {d}/data -U postgres -A trust >/dev/null &&
         echo "port = {PORT + 1}" >> {d}/data/postgresql.conf &&
         echo "unix_socket_directories = '{d}'" >> {d}/data/postgresql.conf &&
-        runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D {d}/data -l {d}/log -w start >/dev/null"""], check=True)
+        runuser -u postgres -- {PGBIN}/pg_ctl -D {d}/data -l {d}/log -w start >/dev/null"""], check=True)
     try:
         c = psycopg2.connect(host="127.0.0.1", port=PORT + 1, dbname="postgres", user="postgres")
         c.autocommit = True
@@ -328,4 +328,4 @@ def test_refuses_to_load_without_preload(cluster):
         assert "shared_preload_libraries" in msg
         c.close()
     finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", f"{d}/data", "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", f"{d}/data", "-m", "immediate", "stop"], capture_output=True)

@@ -1,12 +1,11 @@
 """HTTP provider transports end to end: SQL → worker → a local fake of each provider that
-enforces the documented request shape (tests/e2e/fakes.py)."""
+enforces the documented request shape (the fakes package beside this file)."""
 import base64
 import json
-import time
-import uuid
 
 import pytest
 
+from conftest import send, wait_status
 from fakes import Fake
 
 PROVIDERS = {
@@ -32,17 +31,6 @@ def provider(request, mail):
     mail.all("SELECT email.add_transport(%s, %s)", f"p_{name}", dsn.format(port=port))
     yield name, fake, f"p_{name}"
     fake.stop()
-
-
-def send(mail, transport, **kw):
-    args = {"recipients": "Ann <ann@example.test>", "subject": f"s-{uuid.uuid4().hex[:8]}", "body": "text body",
-            "transport": transport, **kw}
-    cols = ", ".join(f"{k} => %s" for k in args)
-    return mail.val(f"SELECT email.send({cols})", *args.values())
-
-
-def wait_status(mail, mid, status, timeout=15):
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect=status, timeout=timeout)
 
 
 def events(mail, mid):
@@ -130,7 +118,7 @@ def test_429_with_retry_after_is_honoured(mail, provider):
     name, fake, transport = provider
     fake.fail_next(429, retry_after="2")
     mid = send(mail, transport)
-    wait_status(mail, mid, "sent", timeout=20)
+    wait_status(mail, mid, "sent")
     assert events(mail, mid) == ["deferred", "sent"]
     refused_at = [r for r in fake.requests if r["status"] == 429][-1]["at"]
     assert fake.accepted[-1]["at"] - refused_at >= 2.0
@@ -141,7 +129,7 @@ def test_500_is_deferred_then_sent(mail, provider):
     name, fake, transport = provider
     fake.fail_next(500)
     mid = send(mail, transport)
-    wait_status(mail, mid, "sent", timeout=20)
+    wait_status(mail, mid, "sent")
     assert events(mail, mid) == ["deferred", "sent"]
 
 

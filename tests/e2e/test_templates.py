@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import Db, connect
+from conftest import wait_status, worker_pids
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def tpl(mail):
 
 
 def captured(db, mid):
-    db.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent")
+    wait_status(db, mid, "sent")
     raw = bytes(db.val("SELECT raw FROM email.captured WHERE message_id = %s", mid))
     return email.message_from_bytes(raw, policy=email.policy.default)
 
@@ -102,15 +102,14 @@ def test_html_only_template_gets_a_text_part(tpl):
     assert "Welcome" in plain and "the terms" in plain and "https://shop.test/terms" in plain
 
 
-def assert_still_up(db, start_time, worker_pids):
+def assert_still_up(db, start_time, pids):
     assert db.val("SELECT pg_postmaster_start_time()") == start_time
-    now = {r[0] for r in db.all("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")}
-    assert now == worker_pids
+    assert set(worker_pids(db)) == pids
 
 
 def test_hostile_templates_fail_fast_and_nothing_goes_down(tpl):
     start = tpl.val("SELECT pg_postmaster_start_time()")
-    pids = {r[0] for r in tpl.all("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_email worker'")}
+    pids = set(worker_pids(tpl))
     tpl.all("""INSERT INTO email.templates (name, subject, body) VALUES
         ('tt_loop', 'x', '{% for i in range(1000000000) %}{{ i }}{% endfor %}'),
         ('tt_nested', 'x', '{% for i in range(99999) %}{% for j in range(99999) %}{{ j }}{% endfor %}{% endfor %}'),
@@ -137,6 +136,6 @@ def test_hostile_templates_fail_fast_and_nothing_goes_down(tpl):
     tpl.all("INSERT INTO email.templates (name, subject, body) VALUES ('tt_later', 'x', 'fine')")
     mid = tpl.val("SELECT email.send_template('tt_later', 'a@x.test', transport => 'tcap', send_at => now() + interval '1 second')")
     tpl.all("UPDATE email.template_versions SET body = '{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}' WHERE name = 'tt_later' AND version = 1")
-    tpl.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="failed")
+    wait_status(tpl, mid, "failed")
     assert "fuel" in tpl.val("SELECT response FROM email.receipts WHERE message_id = %s AND event = 'failed'", mid)
     assert_still_up(tpl, start, pids)

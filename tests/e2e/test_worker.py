@@ -1,5 +1,6 @@
-"""The delivery worker, end to end: SQL → worker → real SMTP servers (Postfix, aiosmtpd,
-smtp-sink), with retries, bounces, TLS, AUTH, timeouts, crashes and the commit wake-up."""
+"""The delivery worker, end to end: SQL → worker → real SMTP servers (Postfix, aiosmtpd), with
+retries, bounces, TLS, AUTH, timeouts, SIGTERM and the commit wake-up. Crashes are in
+test_faults.py."""
 import base64
 import email
 import email.policy
@@ -10,28 +11,18 @@ import subprocess
 import time
 import uuid
 
-import psycopg2
 import pytest
 
-from conftest import CLUSTER_DIR, E2E_DIR, Db, connect, fresh, worker_pids
-from servers import AioSmtp, Blackhole, Postfix, SmtpSink, make_ca
-
-PGBIN = "/usr/lib/postgresql/15/bin"
+from conftest import E2E_DIR, connect, send, status, wait_status, worker_pids
+from servers import AioSmtp, Blackhole, Postfix, make_ca
 
 
 def transport(db, name, dsn, fallback=None):
     db.all("SELECT email.add_transport(%s, %s, fallback => %s)", name, dsn, fallback)
 
 
-def send(db, transport, recipients="ok@example.test", subject=None, **kw):
-    subject = subject or f"t-{uuid.uuid4().hex[:10]}"
-    args = {"recipients": recipients, "subject": subject, "body": kw.pop("body", "hello"), "transport": transport, **kw}
-    cols = ", ".join(f"{k} => %s" for k in args)
-    return db.val(f"SELECT email.send({cols})", *args.values()), subject
-
-
-def status(db, mid):
-    return db.val("SELECT status::text FROM email.messages WHERE id = %s", mid)
+def subject_of(db, mid):
+    return db.val("SELECT subject FROM email.messages WHERE id = %s", mid)
 
 
 def receipts(db, mid):
@@ -68,10 +59,10 @@ def test_delivered_to_postfix_and_parsed_back(mail, postfix):
     att = json.dumps([{"filename": "report.csv", "content_type": "text/csv", "content": base64.b64encode(b"a,b\n1,2\n").decode()},
                       {"filename": "logo.png", "content_type": "image/png", "content": base64.b64encode(b"\x89PNG...").decode(), "content_id": "logo"}])
     subject = f"Grüße aus Köln ✓ {uuid.uuid4().hex[:6]}"
-    mid, _ = send(mail, "pf", recipients='"Doe, Jane" <ok@example.test>', cc="cc@x.test", subject=subject,
-                  body="Plain text part", html='<p>HTML <b>part</b><img src="cid:logo"></p>',
-                  headers='{"X-Campaign": "spring"}', attachments=att, sender="Zoë Sender <zoe@example.test>")
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent")
+    mid = send(mail, "pf", recipients='"Doe, Jane" <ok@example.test>', cc="cc@x.test", subject=subject,
+               body="Plain text part", html='<p>HTML <b>part</b><img src="cid:logo"></p>',
+               headers='{"X-Campaign": "spring"}', attachments=att, sender="Zoë Sender <zoe@example.test>")
+    wait_status(mail, mid, "sent")
     msgs = by_subject(postfix, subject)
     m = msgs[0]
     stored_id = mail.val("SELECT message_id FROM email.messages WHERE id = %s", mid)
@@ -94,8 +85,9 @@ def test_file_transport_writes_eml(mail):
     os.makedirs(out, exist_ok=True)
     subprocess.run(["chown", "postgres", out], check=True)
     transport(mail, "files", f"file://{out}")
-    mid, subject = send(mail, "files")
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent")
+    mid = send(mail, "files")
+    subject = subject_of(mail, mid)
+    wait_status(mail, mid, "sent")
     mid_header = mail.val("SELECT message_id FROM email.messages WHERE id = %s", mid)
     path = os.path.join(out, mid_header.strip("<>") + ".eml")
     with open(path, "rb") as f:
@@ -105,8 +97,9 @@ def test_file_transport_writes_eml(mail):
 
 def test_capture_keeps_the_bytes(mail):
     transport(mail, "cap", "capture://")
-    mid, subject = send(mail, "cap", recipients="a@x.test, b@x.test", bcc="hidden@x.test")
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent")
+    mid = send(mail, "cap", recipients="a@x.test, b@x.test", bcc="hidden@x.test")
+    subject = subject_of(mail, mid)
+    wait_status(mail, mid, "sent")
     row = mail.one("SELECT envelope_to, raw FROM email.captured WHERE message_id = %s", mid)
     assert row[0] == ["a@x.test", "b@x.test", "hidden@x.test"]
     parsed = email.message_from_bytes(bytes(row[1]), policy=email.policy.default)
@@ -123,8 +116,8 @@ def test_commit_wakes_the_worker_despite_long_poll(mail, postfix):
         for _ in range(3):
             time.sleep(0.3)
             start = time.monotonic()
-            mid, _ = send(mail, "pf")
-            mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent", timeout=5)
+            mid = send(mail, "pf")
+            wait_status(mail, mid, "sent", timeout=5)
             times.append(time.monotonic() - start)
         assert max(times) < 1.0, times
     finally:
@@ -140,8 +133,8 @@ def test_rolled_back_send_is_never_delivered(mail, postfix):
         cur.execute("SELECT email.send(recipients => 'ok@example.test', subject => %s, body => 'x', transport => 'pf')", (subject,))
     c.rollback()
     c.close()
-    marker, _ = send(mail, "pf")  # a later committed send is delivered; the rolled-back one never is
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", marker, expect="sent")
+    marker = send(mail, "pf")  # a later committed send is delivered; the rolled-back one never is
+    wait_status(mail, marker, "sent")
     time.sleep(0.5)
     assert not [m for m in postfix.messages() if m["subject"] == subject]
     assert mail.val("SELECT count(*) FROM email.messages WHERE subject = %s", subject) == 0
@@ -149,14 +142,15 @@ def test_rolled_back_send_is_never_delivered(mail, postfix):
 
 def test_450_is_deferred_then_delivered(mail, postfix):
     transport(mail, "pf", "smtp://127.0.0.1:26525?tls=none")
-    mid, subject = send(mail, "pf", recipients="busy@example.test")
+    mid = send(mail, "pf", recipients="busy@example.test")
+    subject = subject_of(mail, mid)
     mail.wait("SELECT count(*) > 0 FROM email.receipts WHERE message_id = %s AND event = 'deferred'", mid)
     r = receipts(mail, mid)[0]
     assert r[2] == 450 and r[3] == "4.2.0" and "busy" in r[4]
     assert status(mail, mid) == "queued"
     postfix.set_reject({"nouser@example.test": "550 5.1.1 No such user here"})
     try:
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent", timeout=20)
+        wait_status(mail, mid, "sent")
         by_subject(postfix, subject)
         events = [x[0] for x in receipts(mail, mid)]
         assert events[0] == "deferred" and events[-1] == "sent"
@@ -169,8 +163,9 @@ def test_450_is_deferred_then_delivered(mail, postfix):
 def test_550_for_one_recipient_bounces_it_and_delivers_the_other(mail, postfix):
     transport(mail, "pf", "smtp://127.0.0.1:26525?tls=none")
     mail.all("DELETE FROM email.suppressions WHERE address = 'nouser@example.test'")
-    mid, subject = send(mail, "pf", recipients="nouser@example.test, other@example.test")
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="sent")
+    mid = send(mail, "pf", recipients="nouser@example.test, other@example.test")
+    subject = subject_of(mail, mid)
+    wait_status(mail, mid, "sent")
     got = by_subject(postfix, subject)
     assert len(got) == 1
     ev = {(x[0], x[1]) for x in receipts(mail, mid)}
@@ -179,25 +174,25 @@ def test_550_for_one_recipient_bounces_it_and_delivers_the_other(mail, postfix):
     assert bounced[2] == 550 and bounced[3] == "5.1.1"
     assert mail.one("SELECT reason, message_id FROM email.suppressions WHERE address = 'nouser@example.test'") == ("bounced", mid)
     # the next message to that address is suppressed at enqueue
-    mid2, _ = send(mail, "pf", recipients="nouser@example.test")
+    mid2 = send(mail, "pf", recipients="nouser@example.test")
     assert status(mail, mid2) == "suppressed"
 
 
 def test_all_recipients_bounced(mail, postfix):
     transport(mail, "pf", "smtp://127.0.0.1:26525?tls=none")
     mail.all("DELETE FROM email.suppressions WHERE address = 'nouser@example.test'")
-    mid, _ = send(mail, "pf", recipients="nouser@example.test")
-    mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="bounced")
+    mid = send(mail, "pf", recipients="nouser@example.test")
+    wait_status(mail, mid, "bounced")
 
 
 def test_wrong_auth_password_fails_with_the_server_reply(mail, certs):
     with AioSmtp(26526, auth=("mailer", "right-password")) as srv:
         transport(mail, "authbad", "smtp://mailer:wrong-password@127.0.0.1:26526?tls=none")
         transport(mail, "authok", "smtp://mailer:right-password@127.0.0.1:26526?tls=none")
-        bad, _ = send(mail, "authbad")
-        ok, _ = send(mail, "authok")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", bad, expect="failed")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", ok, expect="sent")
+        bad = send(mail, "authbad")
+        ok = send(mail, "authok")
+        wait_status(mail, bad, "failed")
+        wait_status(mail, ok, "sent")
         r = receipts(mail, bad)
         assert r[-1][0] == "failed" and r[-1][2] == 535 and "5.7.8" in r[-1][4]
         assert "wrong-password" not in json.dumps(r)
@@ -208,32 +203,32 @@ def test_tls_unknown_ca_fails_unless_ca_is_given(mail, certs):
     with AioSmtp(26527, tls="starttls", cert=(certs["cert"], certs["key"])) as srv:
         transport(mail, "tls_default", "smtp://127.0.0.1:26527")
         transport(mail, "tls_ca", f"smtp://127.0.0.1:26527?ca={certs['ca']}")
-        bad, _ = send(mail, "tls_default")
-        ok, _ = send(mail, "tls_ca")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", bad, expect="failed")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", ok, expect="sent")
+        bad = send(mail, "tls_default")
+        ok = send(mail, "tls_ca")
+        wait_status(mail, bad, "failed")
+        wait_status(mail, ok, "sent")
         resp = receipts(mail, bad)[-1][4]
         assert "TLS" in resp and ("Unknown" in resp or "certificate" in resp), resp
         assert len(srv.messages) == 1
     with AioSmtp(26528, tls="implicit", cert=(certs["cert"], certs["key"])) as srv:
         transport(mail, "smtps_ca", f"smtps://127.0.0.1:26528?ca={certs['ca']}")
-        ok, _ = send(mail, "smtps_ca")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", ok, expect="sent")
+        ok = send(mail, "smtps_ca")
+        wait_status(mail, ok, "sent")
         assert len(srv.messages) == 1
 
 
 def test_plaintext_server_is_refused_when_starttls_is_required(mail):
     with AioSmtp(26529) as srv:
         transport(mail, "needtls", "smtp://127.0.0.1:26529")
-        mid, _ = send(mail, "needtls")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", mid, expect="failed")
+        mid = send(mail, "needtls")
+        wait_status(mail, mid, "failed")
         assert "STARTTLS" in receipts(mail, mid)[-1][4]
         assert srv.messages == []
 
 
 def test_server_down_then_up_delivers_everything(mail):
     transport(mail, "later", "smtp://127.0.0.1:26530?tls=none&timeout=2s")
-    ids = [send(mail, "later")[0] for _ in range(10)]
+    ids = [send(mail, "later") for _ in range(10)]
     mail.wait("SELECT count(DISTINCT message_id) FROM email.receipts WHERE message_id = ANY(%s) AND event = 'deferred'", ids, expect=10)
     time.sleep(30 - 2)
     assert mail.val("SELECT count(*) FROM email.messages WHERE id = ANY(%s) AND status = 'sent'", ids) == 0
@@ -250,19 +245,18 @@ def test_silent_server_times_out_others_keep_going_and_sigterm_is_prompt(mail):
     with Blackhole(26531):
         transport(mail, "silent", "smtp://127.0.0.1:26531?tls=none&timeout=2s")
         transport(mail, "cap", "capture://")
-        stuck, _ = send(mail, "silent")
+        stuck = send(mail, "silent")
         time.sleep(0.3)
         start = time.monotonic()
-        fast, _ = send(mail, "cap")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", fast, expect="sent", timeout=5)
+        fast = send(mail, "cap")
+        wait_status(mail, fast, "sent", timeout=5)
         assert time.monotonic() - start < 1.0, "another transport is not held up by the silent server"
         mail.wait("SELECT count(*) > 0 FROM email.receipts WHERE message_id = %s AND event = 'deferred'", stuck, timeout=6)
         assert "timed out" in receipts(mail, stuck)[0][4]
-        took = mail.val("SELECT extract(epoch FROM at - m.updated_at) FROM email.receipts r JOIN email.messages m ON m.id = r.message_id WHERE r.message_id = %s LIMIT 1", stuck)
         # a fresh stuck send, then SIGTERM while it is in flight
         mail.all("UPDATE email.messages SET next_attempt_at = now() + interval '1 hour' WHERE id = %s", stuck)
-        stuck2, _ = send(mail, "silent")
-        mail.wait("SELECT status::text FROM email.messages WHERE id = %s", stuck2, expect="sending")
+        stuck2 = send(mail, "silent")
+        wait_status(mail, stuck2, "sending")
         pids = worker_pids(mail)
         assert pids
         t0 = time.monotonic()
@@ -275,57 +269,3 @@ def test_silent_server_times_out_others_keep_going_and_sigterm_is_prompt(mail):
         mail.wait("SELECT status::text IN ('queued', 'sending') FROM email.messages WHERE id = %s", stuck2)
         mail.wait("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'pg_email worker'", timeout=10)
         mail.all("UPDATE email.messages SET status = 'cancelled' WHERE id IN (%s, %s)", stuck, stuck2)
-
-
-
-def val_retry(q, *args):
-    for _ in range(100):
-        try:
-            d = fresh()
-            v = d.val(q, *args)
-            d.conn.close()
-            return v
-        except psycopg2.Error:
-            time.sleep(0.1)
-    raise AssertionError("query kept failing: " + q)
-
-
-def test_crash_safety_under_kill_and_immediate_stop(mail):
-    with SmtpSink(26532, os.path.join(E2E_DIR, "sink-crash")) as sink:
-        transport(mail, "sink", "smtp://127.0.0.1:26532?tls=none&max_connections=8")
-        mail.all("SELECT email.send(recipients => 'a@x.test', subject => 'crash ' || i, body => repeat('x', 2000), transport => 'sink', tags => ARRAY['crash']) FROM generate_series(1, 5000) i")
-        total = 5000
-
-        def sent():
-            return val_retry("SELECT count(*) FROM email.messages WHERE 'crash' = ANY(tags) AND status = 'sent'")
-
-        for crash in range(3):
-            deadline = time.monotonic() + 30
-            target = (crash + 1) * total // 5
-            while sent() < target and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if crash < 2:
-                d = fresh()
-                for p in worker_pids(d):
-                    os.kill(p, signal.SIGKILL)
-                d.conn.close()
-            else:
-                subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", os.path.join(CLUSTER_DIR, "data"), "-m", "immediate", "-w", "stop"], check=True, capture_output=True)
-                subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", os.path.join(CLUSTER_DIR, "data"), "-l", os.path.join(CLUSTER_DIR, "server.log"), "-w", "start"], check=True, capture_output=True)
-            time.sleep(0.5)
-        deadline = time.monotonic() + 120
-        while sent() < total:
-            assert time.monotonic() < deadline, f"only {sent()} of {total} sent"
-            time.sleep(0.2)
-        d = fresh()
-        assert d.val("SELECT count(*) FROM email.messages WHERE 'crash' = ANY(tags) AND status IN ('queued', 'sending')") == 0
-        expected = {r[0] for r in d.all("SELECT message_id FROM email.messages WHERE 'crash' = ANY(tags)")}
-        time.sleep(1.0)
-        seen = sink.message_ids()
-        counts = {}
-        for m in seen:
-            counts[m] = counts.get(m, 0) + 1
-        missing = expected - set(counts)
-        assert not missing, f"{len(missing)} messages never reached the sink"
-        assert max(counts[m] for m in expected) <= 2
-        d.conn.close()
