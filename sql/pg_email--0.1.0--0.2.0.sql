@@ -79,6 +79,96 @@ REVOKE ALL ON FUNCTION email._template_version_saved() FROM PUBLIC;
 CREATE TRIGGER templates_version_saved AFTER INSERT OR UPDATE ON email.templates
     FOR EACH ROW EXECUTE FUNCTION email._template_version_saved();
 
+-- Transports: replacing one keeps its default and fallback unless the call says otherwise.
+CREATE OR REPLACE FUNCTION email.add_transport(
+    "name" TEXT, "dsn" TEXT, "is_default" bool DEFAULT NULL, "fallback" TEXT DEFAULT NULL
+) RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, email, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'add_transport_wrapper';
+CREATE FUNCTION email.update_transport("name" TEXT, "is_default" bool DEFAULT NULL, "fallback" TEXT DEFAULT NULL)
+RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, email, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'update_transport_wrapper';
+REVOKE ALL ON FUNCTION email.update_transport(text, bool, text) FROM PUBLIC;
+
+-- Retries: bulk recovery after an outage.
+CREATE FUNCTION email.retry_all(
+    "transport" TEXT DEFAULT NULL, "status" TEXT DEFAULT NULL, "since" timestamp with time zone DEFAULT NULL
+) RETURNS bigint
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, email, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'retry_all_wrapper';
+REVOKE ALL ON FUNCTION email.retry_all(text, text, timestamp with time zone) FROM PUBLIC;
+
+-- Idempotency keys are scoped to the role that used them, and remember the call's fingerprint.
+ALTER TABLE email.messages ADD COLUMN request_hash text;
+DROP INDEX email.messages_idempotency_key;
+CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (created_by, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+-- worker_status names the database, and says so where no worker serves it.
+DROP FUNCTION email.worker_status();
+CREATE FUNCTION email.worker_status() RETURNS TABLE (
+    "worker" INT, "pid" INT, "state" TEXT, "in_flight" INT, "sent" bigint, "deferred" bigint, "failed" bigint,
+    "bounced" bigint, "started_at" timestamp with time zone, "last_activity" timestamp with time zone,
+    "database" TEXT
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'worker_status_wrapper';
+REVOKE ALL ON FUNCTION email.worker_status() FROM PUBLIC;
+CREATE FUNCTION email._warn_if_unserved() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_warn_if_unserved_wrapper';
+REVOKE ALL ON FUNCTION email._warn_if_unserved() FROM PUBLIC;
+
+-- Suppressions: any letter case, a default reason, helpers, and whole domains (*@domain).
+ALTER TABLE email.suppressions ALTER COLUMN reason SET DEFAULT 'manual';
+-- Suppressions: an address is stored bare and lower-cased, whatever case it is given in; a
+-- whole domain is suppressed with '*@domain'.
+CREATE FUNCTION email._suppression_address() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    NEW.address := lower(btrim(NEW.address));
+    IF NEW.address !~ '^[^@[:space:]]+@[^@[:space:]]+$' THEN
+        RAISE EXCEPTION 'invalid address: "%" is not an address (local@domain) or a domain (*@domain)', NEW.address
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.address LIKE '%*%' AND NEW.address !~ '^\*@[^*]+$' THEN
+        RAISE EXCEPTION 'invalid address: "%": only a whole domain can be suppressed with *, as in *@example.org', NEW.address
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER suppressions_address BEFORE INSERT OR UPDATE OF address ON email.suppressions
+    FOR EACH ROW EXECUTE FUNCTION email._suppression_address();
+
+-- Adds an address (or '*@domain') to the suppression list; true if it was not on it.
+CREATE FUNCTION email.suppress(address text, reason text DEFAULT 'manual') RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+BEGIN ATOMIC
+    WITH added AS (
+        INSERT INTO email.suppressions (address, reason) VALUES (suppress.address, suppress.reason)
+        ON CONFLICT DO NOTHING RETURNING 1
+    )
+    SELECT count(*) > 0 FROM added;
+END;
+
+-- Takes an address (or '*@domain') off the suppression list; true if it was on it.
+CREATE FUNCTION email.unsuppress(address text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+BEGIN ATOMIC
+    WITH removed AS (
+        DELETE FROM email.suppressions s WHERE s.address = lower(btrim(unsuppress.address)) RETURNING 1
+    )
+    SELECT count(*) > 0 FROM removed;
+END;
+
+REVOKE ALL ON FUNCTION email._suppression_address() FROM PUBLIC;
+REVOKE ALL ON FUNCTION email.suppress(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION email.unsuppress(text) FROM PUBLIC;
+
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
 COMMENT ON FUNCTION email._is_finished(email.status) IS 'True for the statuses a message does not leave by itself; the one definition used by indexes, email.purge and the retention purge.';
@@ -111,6 +201,7 @@ COMMENT ON COLUMN email.messages.attachment_count IS 'How many rows of email.att
 COMMENT ON COLUMN email.messages.last_error IS 'The last failure''s reply, for a message that is retried or failed.';
 COMMENT ON COLUMN email.messages.created_by IS 'The role that queued the message; row-level security shows each role its own messages.';
 COMMENT ON COLUMN email.messages.sent_at IS 'When a recipient first accepted the message.';
+COMMENT ON COLUMN email.messages.request_hash IS 'For a message with an idempotency key: a fingerprint of the call, so that the key reused with other content is refused.';
 
 COMMENT ON TABLE email.receipts IS 'One row per delivery attempt and per later event of a message, with the reply that decided it.';
 COMMENT ON COLUMN email.receipts.event IS 'sent, deferred, failed, bounced, suppressed, cancelled, delivered, opened, clicked, complained or unsubscribed.';
@@ -122,7 +213,7 @@ COMMENT ON COLUMN email.receipts.response IS 'The reply text, with any secret of
 COMMENT ON COLUMN email.receipts.duration_ms IS 'How long the attempt took.';
 
 COMMENT ON TABLE email.suppressions IS 'Addresses mail is never sent to: recipients on it are dropped at enqueue. Hard bounces (RFC 3463 5.1.x) add rows; so can you.';
-COMMENT ON COLUMN email.suppressions.address IS 'The bare address, lower-cased.';
+COMMENT ON COLUMN email.suppressions.address IS 'The bare address, lower-cased (stored so whatever the case given), or *@domain for a whole domain.';
 COMMENT ON COLUMN email.suppressions.reason IS 'bounced, complained, unsubscribed or manual.';
 COMMENT ON COLUMN email.suppressions.message_id IS 'The message whose outcome added the address, if any.';
 
@@ -138,8 +229,15 @@ COMMENT ON VIEW email.daily_stats IS 'Outcome counts per day and transport, from
 COMMENT ON FUNCTION email.send IS 'Queues one message in the caller''s transaction and returns its id; validates every argument and names the field at fault. Sent by the worker after commit.';
 COMMENT ON FUNCTION email.send_template IS 'Queues one message rendered from a stored template (the current version is pinned) and returns its id.';
 COMMENT ON FUNCTION email.render IS 'Renders the current version of a stored template with data, exactly as the worker would: a preview.';
-COMMENT ON FUNCTION email.add_transport IS 'Registers or replaces a named transport from a DSN (smtp://, smtps://, sendgrid+api://, postmark+api://, resend+api://, mailgun+api://, ses+api://, file://, capture://).';
+COMMENT ON FUNCTION email.add_transport IS 'Registers or replaces a named transport from a DSN (smtp://, smtps://, sendgrid+api://, postmark+api://, resend+api://, mailgun+api://, ses+api://, file://, capture://); on a replace, is_default and fallback left NULL are kept.';
 COMMENT ON FUNCTION email.cancel IS 'Cancels a message that is still queued; true if it was.';
-COMMENT ON FUNCTION email.retry IS 'Requeues a failed or bounced message for a fresh series of attempts; true if it was.';
+COMMENT ON FUNCTION email.retry IS 'Requeues a failed or bounced message for a fresh series of attempts (never to recipients suppressed now), or makes a queued message waiting for a retry due now; true if it did.';
 COMMENT ON FUNCTION email.purge IS 'Deletes finished messages (with their receipts, attachments and captures) created longer ago than the interval; returns how many.';
-COMMENT ON FUNCTION email.worker_status IS 'One row per delivery worker: pid, state, messages in flight, totals since start, last activity.';
+COMMENT ON FUNCTION email.update_transport IS 'Changes whether a transport is the default and what its fallback is, keeping its DSN; NULL keeps, fallback => '''' removes the fallback.';
+COMMENT ON FUNCTION email.retry_all IS 'email.retry for every failed and bounced message (or the given status) the caller may act on, optionally by transport and since a time; returns how many. For recovery after an outage.';
+COMMENT ON FUNCTION email.suppress IS 'Adds an address, or a whole domain as *@domain, to the suppression list (any letter case); true if it was not on it.';
+COMMENT ON FUNCTION email.unsuppress IS 'Takes an address or *@domain off the suppression list; true if it was on it.';
+COMMENT ON FUNCTION email.worker_status IS 'One row per delivery worker serving this database: pid, state (idle, sending, paused, ...), messages in flight, totals since start, last activity; in a database no worker serves, one row says so.';
+
+-- Mail queued in a database no worker serves would wait for ever: say so now.
+SELECT email._warn_if_unserved();

@@ -68,6 +68,7 @@ CREATE TABLE email.messages (
     created_by          text NOT NULL DEFAULT current_user,
     sent_at             timestamptz,
     updated_at          timestamptz NOT NULL DEFAULT now(),
+    request_hash        text,
     CONSTRAINT messages_content CHECK (template IS NOT NULL OR body IS NOT NULL OR html IS NOT NULL),
     CONSTRAINT messages_subject CHECK (template IS NOT NULL OR subject IS NOT NULL),
     CONSTRAINT messages_template_pinned CHECK ((template IS NULL) = (template_version IS NULL)),
@@ -89,7 +90,9 @@ CREATE INDEX messages_due ON email.messages (priority DESC, next_attempt_at) WHE
 CREATE INDEX messages_next ON email.messages (next_attempt_at) WHERE status = 'queued';
 -- Expired leases (a crashed worker) are found through this one.
 CREATE INDEX messages_leased ON email.messages (lease_until) WHERE status = 'sending';
-CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (idempotency_key) WHERE idempotency_key IS NOT NULL;
+-- Idempotency keys are scoped to the role that used them.
+CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (created_by, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 CREATE INDEX messages_finished ON email.messages (created_at) WHERE email._is_finished(status);
 CREATE INDEX messages_created_by ON email.messages (created_by);
 
@@ -116,7 +119,7 @@ CREATE INDEX receipts_at ON email.receipts (at);
 
 CREATE TABLE email.suppressions (
     address     text PRIMARY KEY CHECK (address = lower(address)),
-    reason      text NOT NULL CHECK (reason IN ('bounced', 'complained', 'unsubscribed', 'manual')),
+    reason      text NOT NULL DEFAULT 'manual' CHECK (reason IN ('bounced', 'complained', 'unsubscribed', 'manual')),
     created_at  timestamptz NOT NULL DEFAULT now(),
     message_id  bigint
 );

@@ -106,6 +106,12 @@ pub fn check(d: &Draft, limits: &Limits) -> Result<Checked, FieldError> {
     })
 }
 
+/// A fingerprint of a call's content (every argument, as JSON): a reused idempotency key with
+/// a different fingerprint is refused. Not a security measure, only a check for mistakes.
+pub fn fingerprint(call: &Value) -> String {
+    format!("{:016x}", crate::deliver::rate::fnv1a(call.to_string().as_bytes()))
+}
+
 /// The stored form of an address list: one `Name <addr>` text per mailbox.
 pub fn texts(list: &[Mailbox]) -> Vec<String> {
     list.iter().map(message::mailbox_text).collect()
@@ -286,6 +292,15 @@ mod tests {
         assert_eq!(f, "attachments");
         assert_eq!(check_rendered_size(101, &LIMITS).unwrap_err().field, "data");
         assert!(check_rendered_size(100, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn fingerprints_tell_calls_apart() {
+        let a = fingerprint(&json!(["a@x.org", "Hi", "Hello"]));
+        assert_eq!(a, fingerprint(&json!(["a@x.org", "Hi", "Hello"])));
+        assert_ne!(a, fingerprint(&json!(["a@x.org", "Hi", "Hello!"])));
+        assert_ne!(a, fingerprint(&json!(["a@x.org", "Hi", null, "Hello"])));
+        assert_eq!(a.len(), 16);
     }
 
     #[test]

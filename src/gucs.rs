@@ -21,7 +21,7 @@ static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
 /// Longest the worker sleeps without a commit wake-up, in ms.
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Attempts before a transiently failing message is marked `failed`.
-static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(8);
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// First retry delay in ms; doubles on every attempt.
 static RETRY_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 /// Longest retry delay in ms.

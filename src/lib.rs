@@ -6,8 +6,9 @@
 //! What runs where:
 //! - `api/` — the SQL surface, in ordinary backends, inside the caller's transaction;
 //! - `worker/` — the delivery worker, in its own background processes;
-//! - `shmem`, `xact`, `catalog`, `gucs` — Postgres glue both sides use (shared memory, the
-//!   per-backend transaction callback, the template catalog, settings); `api/` and `worker/`
+//! - `shmem`, `xact`, `catalog`, `subxact`, `gucs` — Postgres glue both sides use (shared
+//!   memory, the per-backend transaction callback, the template catalog, subtransactions,
+//!   settings); `api/` and `worker/`
 //!   depend on these and never on each other;
 //! - `deliver/`, `message`, `draft`, `render` — no pgrx: plain Rust with plain unit tests.
 
@@ -23,6 +24,7 @@ pub mod gucs;
 pub mod message;
 pub mod render;
 pub mod shmem;
+pub mod subxact;
 pub mod worker;
 pub mod xact;
 

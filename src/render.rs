@@ -263,7 +263,7 @@ pub fn render(
     Ok(Parts { subject, body, html })
 }
 
-/// A plain-text rendering of HTML, links kept inline as text.
+/// A plain-text rendering of HTML, links as numbered footnotes.
 pub fn html_to_text(html: &str) -> Result<String, String> {
     html2text::config::plain()
         .link_footnotes(true)

@@ -26,16 +26,18 @@ pub enum WorkerState {
     Sending = 3,
     WaitingForDatabase = 4,
     Stopping = 5,
+    Paused = 6,
 }
 
 impl WorkerState {
-    const ALL: [WorkerState; 6] = [
+    const ALL: [WorkerState; 7] = [
         WorkerState::Stopped,
         WorkerState::Starting,
         WorkerState::Idle,
         WorkerState::Sending,
         WorkerState::WaitingForDatabase,
         WorkerState::Stopping,
+        WorkerState::Paused,
     ];
 
     pub fn from_u32(v: u32) -> Option<WorkerState> {
@@ -50,6 +52,7 @@ impl WorkerState {
             WorkerState::Sending => "sending",
             WorkerState::WaitingForDatabase => "waiting for database",
             WorkerState::Stopping => "stopping",
+            WorkerState::Paused => "paused",
         }
     }
 }

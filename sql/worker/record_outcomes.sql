@@ -3,6 +3,7 @@
 -- claim. What the statuses mean is decided in Rust (deliver/outcome.rs); this statement only
 -- keeps what must be derived from the row itself: sent_at is set once, by the first attempt
 -- that reached a recipient, and pending_recipients lives only while the message is queued.
+-- Template mail brings the subject and parts it was rendered to, so the row shows them.
 UPDATE email.messages m
 SET status = u.status::email.status,
     next_attempt_at = CASE WHEN u.status = 'queued' THEN now() + u.delay_ms * interval '1 millisecond' ELSE m.next_attempt_at END,
@@ -12,7 +13,9 @@ SET status = u.status::email.status,
     pending_recipients = CASE WHEN u.status = 'queued' THEN coalesce(u.pending, m.pending_recipients) END,
     sent_at = CASE WHEN u.status = 'sent' OR (u.status = 'queued' AND u.provider_message_id IS NOT NULL)
                    THEN coalesce(m.sent_at, now()) ELSE m.sent_at END,
+    subject = coalesce(u.subject, m.subject), body = coalesce(u.body, m.body), html = coalesce(u.html, m.html),
     lease_until = NULL, claimed_by = NULL, updated_at = now()
 FROM jsonb_to_recordset($1) AS u(id bigint, attempt int, status text, delay_ms float8, transport text,
-                                 last_error text, provider_message_id text, pending text[])
+                                 last_error text, provider_message_id text, pending text[],
+                                 subject text, body text, html text)
 WHERE m.id = u.id AND m.status = 'sending' AND m.attempts = u.attempt

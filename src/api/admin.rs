@@ -10,7 +10,11 @@ use crate::message::FieldError;
 use crate::shmem::{self, WorkerState};
 
 const CANCEL: &str = include_str!("../../sql/api/cancel.sql");
-const RETRY: &str = include_str!("../../sql/api/retry.sql");
+const MESSAGE_FOR_RETRY: &str = include_str!("../../sql/api/message_for_retry.sql");
+const RETRY_CANDIDATES: &str = include_str!("../../sql/api/retry_candidates.sql");
+const REQUEUE: &str = include_str!("../../sql/api/requeue.sql");
+const RETRY_NOW: &str = include_str!("../../sql/api/retry_now.sql");
+const MARK_SUPPRESSED: &str = include_str!("../../sql/api/mark_suppressed.sql");
 const PURGE: &str = include_str!("../../sql/api/purge.sql");
 const IS_NEGATIVE: &str = include_str!("../../sql/api/interval_is_negative.sql");
 
@@ -31,12 +35,91 @@ fn cancel(id: Option<i64>) -> bool {
     change(CANCEL, id)
 }
 
-/// Requeues a failed or bounced message for a fresh series of attempts; true if it was.
+/// Retries message `id` as `caller`: a failed or bounced message is requeued for a fresh series
+/// of attempts to the recipients that are not suppressed now (none left: it becomes
+/// `suppressed`); a queued message waiting for a later attempt becomes due now. True if it was.
+fn retry_one(client: &mut pgrx::spi::SpiClient, id: i64, caller: &str) -> bool {
+    let found =
+        client.update(MESSAGE_FOR_RETRY, Some(1), &[id.into(), caller.into()]).unwrap_or_else(|e| spi_failed(e));
+    if found.is_empty() {
+        return false;
+    }
+    let row = found.first();
+    let status: String = row.get_by_name("status").ok().flatten().unwrap_or_default();
+    let waiting: bool = row.get_by_name("waiting").ok().flatten().unwrap_or(false);
+    if status == "queued" && waiting {
+        client.update(RETRY_NOW, None, &[id.into()]).unwrap_or_else(|e| spi_failed(e));
+        return true;
+    }
+    if status != "failed" && status != "bounced" {
+        return false;
+    }
+    let transport: String = row.get_by_name("transport").ok().flatten().unwrap_or_default();
+    let mut mailboxes = Vec::new();
+    for (field, column) in [("recipients", "recipients"), ("cc", "cc"), ("bcc", "bcc")] {
+        let list: Vec<String> = row.get_by_name(column).ok().flatten().unwrap_or_default();
+        mailboxes.extend(crate::message::stored_list(field, &list).unwrap_or_default());
+    }
+    let bare: Vec<String> = mailboxes.iter().map(crate::message::bare_address).collect();
+    let suppressed = super::send::suppressed(client, &bare);
+    super::send::record_suppressed(client, id, &transport, &bare, &suppressed);
+    let pending: Vec<String> = mailboxes
+        .iter()
+        .filter(|m| !suppressed.contains(&crate::message::bare_address(m)))
+        .map(|m| crate::message::ascii_address(&m.email).to_string())
+        .collect();
+    if pending.is_empty() {
+        notice!("message {id} is not retried: every recipient is on the suppression list");
+        client.update(MARK_SUPPRESSED, None, &[id.into()]).unwrap_or_else(|e| spi_failed(e));
+        return false;
+    }
+    let pending = (!suppressed.is_empty()).then_some(pending);
+    client.update(REQUEUE, None, &[id.into(), pending.into()]).unwrap_or_else(|e| spi_failed(e));
+    true
+}
+
+/// Requeues a failed or bounced message for a fresh series of attempts (never to recipients that
+/// are suppressed now), or makes a queued message that waits for a retry due now; true if it did.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn retry(id: Option<i64>) -> bool {
-    let done = change(RETRY, id);
+    let Some(id) = id else { invalid(FieldError::new("id", "is required")) };
+    let caller = caller_role();
+    let done = Spi::connect_mut(|client| retry_one(client, id, &caller));
     if done {
+        crate::xact::mark_queued();
+    }
+    done
+}
+
+/// `email.retry` for every message the caller may act on with status `status` ('failed' and
+/// 'bounced' when NULL; 'queued' makes waiting retries due now), through `transport`, last
+/// changed at or after `since`; returns how many were retried. For recovery after an outage.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn retry_all(
+    transport: default!(Option<&str>, "NULL"),
+    status: default!(Option<&str>, "NULL"),
+    since: default!(Option<TimestampWithTimeZone>, "NULL"),
+) -> i64 {
+    let statuses: Vec<String> = match status {
+        None => vec!["failed".into(), "bounced".into()],
+        Some(s @ ("failed" | "bounced" | "queued")) => vec![s.to_string()],
+        Some(other) => invalid(FieldError::new(
+            "status",
+            format!("{} must be failed, bounced or queued", crate::message::show(other)),
+        )),
+    };
+    let caller = caller_role();
+    let done = Spi::connect_mut(|client| {
+        let ids: Vec<i64> = client
+            .select(RETRY_CANDIDATES, None, &[statuses.into(), transport.into(), since.into(), caller.as_str().into()])
+            .unwrap_or_else(|e| spi_failed(e))
+            .filter_map(|r| r.get_by_name::<i64, _>("id").ok().flatten())
+            .collect();
+        ids.into_iter().filter(|id| retry_one(client, *id, &caller)).count() as i64
+    });
+    if done > 0 {
         crate::xact::mark_queued();
     }
     done
@@ -77,13 +160,14 @@ fn ts(v: i64) -> Option<TimestampWithTimeZone> {
     (v != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pgrx::pg_sys::Datum::from(v), false) }).flatten()
 }
 
-/// One row per worker slot that is running or has run since the server started.
+/// One row per worker that serves this database and is running or has run since the server
+/// started. In a database no worker serves, one row says so (worker and pid NULL).
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 fn worker_status() -> TableIterator<
     'static,
     (
-        name!(worker, i32),
+        name!(worker, Option<i32>),
         name!(pid, Option<i32>),
         name!(state, String),
         name!(in_flight, i32),
@@ -93,8 +177,13 @@ fn worker_status() -> TableIterator<
         name!(bounced, i64),
         name!(started_at, Option<TimestampWithTimeZone>),
         name!(last_activity, Option<TimestampWithTimeZone>),
+        name!(database, String),
     ),
 > {
+    let here = super::current_database();
+    if let Some(why) = super::unserved_reason(&here) {
+        return TableIterator::new(vec![(None, None, why, 0, 0, 0, 0, 0, None, None, here)]);
+    }
     let mut rows = Vec::new();
     if let Some(shared) = shmem::shared() {
         for (i, s) in shared.slots.iter().enumerate() {
@@ -105,7 +194,7 @@ fn worker_status() -> TableIterator<
             let pid = s.pid.load(Ordering::Relaxed);
             let state = s.state().map_or("unknown", WorkerState::name);
             rows.push((
-                i as i32,
+                Some(i as i32),
                 (pid != 0).then_some(pid),
                 state.to_string(),
                 s.in_flight.load(Ordering::Relaxed) as i32,
@@ -115,8 +204,16 @@ fn worker_status() -> TableIterator<
                 s.bounced.load(Ordering::Relaxed) as i64,
                 ts(started),
                 ts(s.last_activity.load(Ordering::Relaxed)),
+                here.clone(),
             ));
         }
     }
     TableIterator::new(rows)
+}
+
+/// Called by CREATE EXTENSION (and the update script): warns when no worker serves this
+/// database, so mail queued here would wait for ever.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _warn_if_unserved() {
+    super::warn_if_unserved(true);
 }

@@ -13,7 +13,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::message::FieldError;
+use crate::message::{show, FieldError};
 
 pub mod admin;
 #[cfg(any(test, feature = "pg_test"))]
@@ -66,6 +66,82 @@ pub(crate) fn caller_role() -> String {
         let oid = pg_sys::GetOuterUserId();
         let name = pg_sys::GetUserNameFromId(oid, false);
         CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// The name of the database this backend is connected to.
+pub(crate) fn current_database() -> String {
+    // SAFETY: MyDatabaseId is set once a backend is connected; get_database_name returns a
+    // palloc'd copy of the name (or NULL if the database was dropped), copied before use.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            return String::new();
+        }
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+/// Why no worker serves `database`, or None when one does.
+pub(crate) fn unserved_reason(database: &str) -> Option<String> {
+    if crate::gucs::workers() <= 0 {
+        return Some("no worker: pg_email.workers is 0".into());
+    }
+    let served = crate::gucs::database();
+    (served != database).then(|| format!("no worker serves this database (pg_email.database is {})", show(&served)))
+}
+
+thread_local! {
+    /// Whether this session found the database's schema at this library's version.
+    static SCHEMA_CHECKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Refuses to queue mail while the database's schema is at another version than this library
+/// (a new build installed and the server restarted, before ALTER EXTENSION pg_email UPDATE): the
+/// statements would fail on the old tables with an internal-looking error. Checked once per
+/// session, until it passes.
+pub(crate) fn require_current_schema() {
+    if SCHEMA_CHECKED.with(|c| c.get()) {
+        return;
+    }
+    const LIBRARY: &str = env!("CARGO_PKG_VERSION");
+    let installed = Spi::get_one::<String>(include_str!("../../sql/api/extension_version.sql"))
+        .unwrap_or_else(|e| spi_failed(e))
+        .unwrap_or_default();
+    if installed != LIBRARY {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("pg_email {LIBRARY} is loaded, but this database has pg_email {installed}"),
+            Some("Run ALTER EXTENSION pg_email UPDATE in this database."),
+        );
+    }
+    SCHEMA_CHECKED.with(|c| c.set(true));
+}
+
+thread_local! {
+    /// Whether this session was already warned that no worker serves its database.
+    static WARNED_UNSERVED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Warns, once per session (or every time when `always`), that mail queued in this database
+/// will not be sent because no worker serves it.
+pub(crate) fn warn_if_unserved(always: bool) {
+    if !always && WARNED_UNSERVED.with(|w| w.get()) {
+        return;
+    }
+    WARNED_UNSERVED.with(|w| w.set(true));
+    let here = current_database();
+    if let Some(why) = unserved_reason(&here) {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!("mail queued in database {} will not be sent: {why}", show(&here)),
+            "pg_email",
+        )
+        .set_hint(format!(
+            "Set pg_email.database = {} (and pg_email.workers > 0) in postgresql.conf and restart PostgreSQL.",
+            show(&here)
+        ))
+        .report(PgLogLevel::WARNING);
     }
 }
 

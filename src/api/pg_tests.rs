@@ -32,9 +32,17 @@ mod tests {
     fn idempotency_key_returns_the_same_id() {
         setup();
         let a: i64 = one("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b', sender => 'me@x.org', idempotency_key => 'k')");
-        let b: i64 = one("SELECT email.send(recipients => 'b@x.org', subject => 't', body => 'c', sender => 'me@x.org', idempotency_key => 'k')");
+        let b: i64 = one("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b', sender => 'me@x.org', idempotency_key => 'k')");
         assert_eq!(a, b);
         assert_eq!(one::<i64>("SELECT count(*) FROM email.messages"), 1);
+    }
+
+    #[pg_test(error = "invalid idempotency_key: \"k\" was already used for message 1 with different content")]
+    fn an_idempotency_key_reused_with_other_content_is_refused() {
+        setup();
+        Spi::run("ALTER TABLE email.messages ALTER COLUMN id RESTART WITH 1").unwrap();
+        Spi::run("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b', sender => 'me@x.org', idempotency_key => 'k')").unwrap();
+        Spi::run("SELECT email.send(recipients => 'b@x.org', subject => 't', body => 'c', sender => 'me@x.org', idempotency_key => 'k')").unwrap();
     }
 
     #[pg_test(error = "invalid recipients: \"nope\" is not a valid address: Missing domain or user")]

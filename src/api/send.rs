@@ -102,6 +102,11 @@ fn suppressed_among(client: &mut SpiClient, route: &Route, bare: &[String]) -> V
     if !route.any_suppressed {
         return Vec::new();
     }
+    suppressed(client, bare)
+}
+
+/// Which of the bare addresses are on the suppression list.
+pub(crate) fn suppressed(client: &mut SpiClient, bare: &[String]) -> Vec<String> {
     run_prepared(client, SUPPRESSED_AMONG, Some(1), &[bare.to_vec().into()])
         .first()
         .get_by_name::<Vec<String>, _>("suppressed")
@@ -160,6 +165,7 @@ fn insert_message(
     };
     let message_id = message::new_message_id(sender);
     let creator = caller_role();
+    let request_hash = d.idempotency_key.map(|_| call_fingerprint(d, r));
     let args: Vec<DatumWithOid> = vec![
         route.name.as_str().into(),
         message::mailbox_text(sender).into(),
@@ -183,20 +189,35 @@ fn insert_message(
         d.idempotency_key.into(),
         (c.attachments.len() as i32).into(),
         (if kept.all_suppressed { "suppressed" } else { "queued" }).into(),
+        request_hash.as_deref().into(),
     ];
     let sql = if d.idempotency_key.is_some() { INSERT_MESSAGE_ONCE } else { INSERT_MESSAGE };
     let inserted = run_prepared(client, sql, Some(1), &args);
     if inserted.is_empty() {
-        // The idempotency key exists (possibly committed by a concurrent call we waited for).
-        let existing =
-            client.select(MESSAGE_BY_KEY, Some(1), &[d.idempotency_key.into()]).unwrap_or_else(|e| spi_failed(e));
-        return Err(existing.first().get_by_name::<i64, _>("id").ok().flatten().unwrap_or_else(|| {
+        // This role used the key before (possibly in a concurrent call we waited for).
+        let key = d.idempotency_key.unwrap_or_default();
+        let existing = client.select(MESSAGE_BY_KEY, Some(1), &[key.into(), creator.as_str().into()]);
+        let existing = existing.unwrap_or_else(|e| spi_failed(e));
+        let row = existing.first();
+        let Some(id) = row.get_by_name::<i64, _>("id").ok().flatten() else {
             raise(
                 PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
                 "the message with this idempotency_key was removed concurrently; retry",
                 None,
             )
-        }));
+        };
+        let stored: Option<String> = row.get_by_name("request_hash").ok().flatten();
+        if stored.is_some() && stored != request_hash {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!(
+                    "invalid idempotency_key: {} was already used for message {id} with different content",
+                    message::show(key)
+                ),
+                Some("Repeat a call with exactly the same arguments, or use a new key for a different message."),
+            )
+        }
+        return Err(id);
     }
     Ok(inserted
         .first()
@@ -204,6 +225,32 @@ fn insert_message(
         .ok()
         .flatten()
         .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "INSERT returned no id", None)))
+}
+
+/// The fingerprint of a call's content: every argument but the idempotency key.
+fn call_fingerprint(d: &draft::Draft, r: &Routing) -> String {
+    // Template mail: the subject was rendered from the template, not given by the call.
+    let subject = if r.template.is_some() { None } else { d.subject };
+    let send_at = r.send_at.map(|t| t.into_inner());
+    let template = r.template.map(|(name, _, data)| serde_json::json!([name, data]));
+    draft::fingerprint(&serde_json::json!([
+        d.recipients,
+        subject,
+        d.body,
+        d.html,
+        d.cc,
+        d.bcc,
+        d.reply_to,
+        d.headers,
+        d.attachments,
+        d.tags,
+        d.metadata,
+        r.sender,
+        r.transport,
+        send_at,
+        r.priority,
+        template
+    ]))
 }
 
 fn insert_attachments(client: &mut SpiClient, id: i64, attachments: &[message::Attachment]) {
@@ -220,18 +267,26 @@ fn insert_attachments(client: &mut SpiClient, id: i64, attachments: &[message::A
     }
 }
 
-/// A 'suppressed' receipt for each recipient dropped at enqueue.
-fn record_suppressed(client: &mut SpiClient, id: i64, route: &Route, bare: &[String], suppressed: &[String]) {
+/// A 'suppressed' receipt for each recipient dropped (at enqueue, or by a retry).
+pub(crate) fn record_suppressed(
+    client: &mut SpiClient,
+    id: i64,
+    transport: &str,
+    bare: &[String],
+    suppressed: &[String],
+) {
     let dropped: Vec<String> = bare.iter().filter(|b| suppressed.contains(b)).cloned().collect();
     if !dropped.is_empty() {
         client
-            .update(RECORD_SUPPRESSED, None, &[id.into(), route.name.as_str().into(), dropped.into()])
+            .update(RECORD_SUPPRESSED, None, &[id.into(), transport.into(), dropped.into()])
             .unwrap_or_else(|e| spi_failed(e));
     }
 }
 
 /// Validates and stores one message; returns its id.
 pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
+    super::require_current_schema();
+    super::warn_if_unserved(false);
     let c = draft::check(&d, &limits()).unwrap_or_else(|e| invalid(e));
     let bare = c.bare_addresses();
     Spi::connect_mut(|client| {
@@ -245,7 +300,7 @@ pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
             Err(existing) => return existing,
         };
         insert_attachments(client, id, &c.attachments);
-        record_suppressed(client, id, &route, &bare, &suppressed);
+        record_suppressed(client, id, &route.name, &bare, &suppressed);
         if !all_suppressed {
             crate::xact::mark_queued();
         }
@@ -331,6 +386,8 @@ fn send_template(
     enqueue(
         draft::Draft {
             recipients,
+            // The subject as rendered now, so the outbox shows it before the mail is sent.
+            subject: Some(&rendered.subject),
             cc,
             bcc,
             reply_to,

@@ -56,23 +56,61 @@ fn valid_name(name: &str) -> bool {
 
 const TRANSPORT_EXISTS: &str = include_str!("../../sql/api/transport_exists.sql");
 const CLEAR_DEFAULT: &str = include_str!("../../sql/api/clear_default.sql");
+const DEFAULT_TRANSPORT: &str = include_str!("../../sql/api/default_transport.sql");
 const UPSERT: &str = include_str!("../../sql/api/upsert_transport.sql");
 const UPSERT_SECRET: &str = include_str!("../../sql/api/upsert_transport_secret.sql");
+const UPDATE: &str = include_str!("../../sql/api/update_transport.sql");
 
-/// Registers (or replaces) a named transport.
+fn checked_name(name: Option<&str>) -> &str {
+    let name = name.unwrap_or_else(|| super::invalid(FieldError::new("name", "is required")));
+    if !valid_name(name) {
+        super::invalid(FieldError::new("name", format!("{} {NAME_RULE}", show(name))));
+    }
+    name
+}
+
+/// A fallback must name another transport that exists; '' (remove the fallback) always passes.
+fn check_fallback(name: &str, fallback: Option<&str>) {
+    let Some(fb) = fallback.filter(|f| !f.is_empty()) else { return };
+    if fb == name {
+        super::invalid(FieldError::new("fallback", "a transport cannot be its own fallback"));
+    }
+    let exists = Spi::get_one_with_args::<bool>(TRANSPORT_EXISTS, &[fb.into()])
+        .unwrap_or_else(|e| spi_failed(e))
+        .unwrap_or(false);
+    if !exists {
+        undefined("fallback transport", fb, Some("Add the fallback transport first."));
+    }
+}
+
+/// Before `name` becomes the default: takes the default from the transport that has it, with a
+/// NOTICE naming it.
+fn take_default(client: &mut pgrx::spi::SpiClient, name: &str) {
+    let previous: Option<String> = client
+        .select(DEFAULT_TRANSPORT, Some(1), &[])
+        .unwrap_or_else(|e| spi_failed(e))
+        .first()
+        .get_by_name("name")
+        .ok()
+        .flatten();
+    if let Some(previous) = previous.filter(|p| p != name) {
+        notice!("transport {} is now the default instead of {}", show(name), show(&previous));
+        client.update(CLEAR_DEFAULT, None, &[name.into()]).unwrap_or_else(|e| spi_failed(e));
+    }
+}
+
+/// Registers a named transport, or replaces its DSN. On a replace, `is_default` and `fallback`
+/// left NULL keep their values (`fallback => ''` removes the fallback).
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn add_transport(
     name: Option<&str>,
     dsn: Option<&str>,
-    is_default: default!(Option<bool>, false),
+    is_default: default!(Option<bool>, "NULL"),
     fallback: default!(Option<&str>, "NULL"),
 ) {
     crate::xact::handling_secret(true);
-    let name = name.unwrap_or_else(|| super::invalid(FieldError::new("name", "is required")));
-    if !valid_name(name) {
-        super::invalid(FieldError::new("name", format!("{} {NAME_RULE}", show(name))));
-    }
+    let name = checked_name(name);
     let raw = dsn.unwrap_or_else(|| super::invalid(FieldError::new("dsn", "is required")));
     let parsed = dsn::parse(raw).unwrap_or_else(|e| {
         raise(
@@ -81,21 +119,17 @@ fn add_transport(
             Some("See the DSN forms in the README; percent-encode special characters in keys and passwords."),
         )
     });
-    if let Some(fb) = fallback {
-        if fb == name {
-            super::invalid(FieldError::new("fallback", "a transport cannot be its own fallback"));
-        }
-        let exists = Spi::get_one_with_args::<bool>(TRANSPORT_EXISTS, &[fb.into()])
-            .unwrap_or_else(|e| spi_failed(e))
-            .unwrap_or(false);
-        if !exists {
-            undefined("fallback transport", fb, Some("Add the fallback transport first."));
-        }
-    }
-    let is_default = is_default.unwrap_or(false);
+    crate::deliver::Transport::check(&parsed).unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid dsn for transport {}: {e}", show(name)),
+            Some("The server checks the files and directories a transport uses as the user PostgreSQL runs as."),
+        )
+    });
+    check_fallback(name, fallback);
     Spi::connect_mut(|client| {
-        if is_default {
-            client.update(CLEAR_DEFAULT, None, &[name.into()]).unwrap_or_else(|e| spi_failed(e));
+        if is_default == Some(true) {
+            take_default(client, name);
         }
         let masked = parsed.masked();
         client
@@ -115,4 +149,28 @@ fn add_transport(
         client.update(UPSERT_SECRET, None, &[name.into(), raw.trim().into()]).unwrap_or_else(|e| spi_failed(e));
     });
     crate::xact::handling_secret(false);
+}
+
+/// Changes whether a transport is the default and what its fallback is, keeping its DSN (and
+/// everything left NULL); `fallback => ''` removes the fallback.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn update_transport(
+    name: Option<&str>,
+    is_default: default!(Option<bool>, "NULL"),
+    fallback: default!(Option<&str>, "NULL"),
+) {
+    let name = checked_name(name);
+    check_fallback(name, fallback);
+    Spi::connect_mut(|client| {
+        if is_default == Some(true) {
+            take_default(client, name);
+        }
+        let updated = client
+            .update(UPDATE, None, &[name.into(), is_default.into(), fallback.into()])
+            .unwrap_or_else(|e| spi_failed(e));
+        if updated.is_empty() {
+            undefined("transport", name, Some("Register it with email.add_transport(name, dsn)."));
+        }
+    });
 }

@@ -42,12 +42,36 @@ impl FileTransport {
                     captured: None,
                 }
             }
+            // A directory that is missing or not writable is a configuration error: retrying
+            // cannot help, so the message fails at once with the cause. Anything else (a full
+            // disk, an I/O error) may pass: it is retried.
+            Ok(Err(e)) if is_configuration(&e) => {
+                let text =
+                    format!("cannot write {}: {e} (check the directory of the file:// transport)", path.display());
+                return Delivery::permanent(Reply::new(None, text));
+            }
             Ok(Err(e)) => e.to_string(),
             // The write panicked or the runtime is shutting down.
             Err(e) => e.to_string(),
         };
         Delivery::transient(Reply::new(None, format!("cannot write {}: {failure}", path.display())))
     }
+}
+
+fn is_configuration(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{NotADirectory, NotFound, PermissionDenied, ReadOnlyFilesystem};
+    matches!(e.kind(), NotFound | PermissionDenied | NotADirectory | ReadOnlyFilesystem)
+}
+
+/// Checks that `dir` is a directory this process can create files in (creates and removes a
+/// probe file).
+pub fn probe(dir: &Path) -> std::io::Result<()> {
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"));
+    }
+    let probe = dir.join(format!(".pg_email-probe-{}", std::process::id()));
+    File::create(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 /// Writes `raw` to `tmp`, syncs it, and renames it to `path`; removes `tmp` on failure.
@@ -111,12 +135,23 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_directory_is_a_transient_failure() {
+    fn a_missing_directory_is_a_permanent_failure_naming_the_cause() {
         let t = FileTransport { dir: PathBuf::from("/nonexistent/pg_email") };
-        let Delivery::Transient { reply, retry_after, rejected } = send(&t, &outgoing("<m@x>", b"x")) else {
-            panic!("not transient")
+        let Delivery::Permanent { reply, rejected } = send(&t, &outgoing("<m@x>", b"x")) else {
+            panic!("not permanent")
         };
         assert!(reply.text.starts_with("cannot write /nonexistent/pg_email/m@x.eml: "), "{}", reply.text);
-        assert_eq!((retry_after, rejected), (None, vec![]));
+        assert!(reply.text.ends_with("(check the directory of the file:// transport)"), "{}", reply.text);
+        assert!(rejected.is_empty());
+    }
+
+    #[test]
+    fn probe_accepts_a_writable_directory_and_refuses_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("pg_email-probe-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        probe(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the probe file is removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(probe(&dir).unwrap_err().kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -147,6 +147,8 @@ pub enum TransportError {
     Tls(#[source] lettre::transport::smtp::Error),
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[source] reqwest::Error),
+    #[error("cannot write to the directory {path}: {source}")]
+    Directory { path: String, source: std::io::Error },
 }
 
 /// A built transport, ready to send.
@@ -158,6 +160,19 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// Checks on this machine what a transport needs besides the network, without sending:
+    /// it can be built (a `ca=` file is read and parsed, TLS and HTTP clients set up) and a
+    /// `file://` directory exists and is writable. `email.add_transport` calls it in the caller's
+    /// backend, which runs as the same operating-system user as the worker.
+    pub fn check(d: &dsn::Dsn) -> Result<(), TransportError> {
+        Transport::new(d)?;
+        if let (dsn::Kind::File, Some(dir)) = (d.kind, &d.path) {
+            file::probe(std::path::Path::new(dir))
+                .map_err(|source| TransportError::Directory { path: dir.clone(), source })?;
+        }
+        Ok(())
+    }
+
     /// True for provider HTTP APIs, which need the message as fields besides its MIME bytes.
     pub fn is_http(&self) -> bool {
         matches!(self, Transport::Http(_))

@@ -93,6 +93,14 @@ pub struct Update {
     pub provider_message_id: Option<String>,
     /// Recipients still to deliver to (NULL: all).
     pub pending: Option<Vec<String>>,
+    /// For template mail: the subject and parts as rendered for this attempt, kept on the row
+    /// so the outbox shows what was sent (absent from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +150,9 @@ pub fn plan(o: &Outcome, rcpts: &[String], fallback: Option<&str>, policy: &Poli
         last_error: None,
         provider_message_id: None,
         pending: None,
+        subject: None,
+        body: None,
+        html: None,
     };
     let retry_in = |after: Option<Duration>| {
         let b = backoff(o.attempt, policy.retry_base, policy.retry_max);

@@ -42,6 +42,24 @@ enum Step {
     Broken(Delivery),
 }
 
+/// The largest `ca=` file read: a bundle of a few hundred certificates.
+const MAX_CA_BYTES: u64 = 1 << 20;
+
+/// Reads a `ca=` file: a regular file (never a device or a FIFO, which could block or never
+/// end), at most 1 MB.
+fn read_ca(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut pem = Vec::new();
+    std::fs::File::open(path)?.take(MAX_CA_BYTES + 1).read_to_end(&mut pem)?;
+    if pem.len() as u64 > MAX_CA_BYTES {
+        return Err(Error::new(ErrorKind::InvalidData, "larger than 1 MB"));
+    }
+    Ok(pem)
+}
+
 impl Smtp {
     pub fn new(d: &Dsn) -> Result<Smtp, TransportError> {
         let host = d.host.clone().ok_or(TransportError::NoSmtpHost)?;
@@ -50,7 +68,7 @@ impl Smtp {
         } else {
             let mut b = TlsParameters::builder(host.clone()).certificate_store(CertificateStore::Default);
             if let Some(ca) = &d.ca {
-                let pem = std::fs::read(ca).map_err(|source| TransportError::ReadCa { path: ca.clone(), source })?;
+                let pem = read_ca(ca).map_err(|source| TransportError::ReadCa { path: ca.clone(), source })?;
                 let cert =
                     Certificate::from_pem(&pem).map_err(|source| TransportError::BadCa { path: ca.clone(), source })?;
                 b = b.add_root_certificate(cert);

@@ -47,6 +47,8 @@ type Sending = Pin<Box<dyn Future<Output = Outcome>>>;
 struct InFlight {
     rcpts: Vec<String>,
     envelope_from: String,
+    /// Template mail: what it was rendered to, written back to the row with the outcome.
+    rendered: Option<crate::render::Parts>,
 }
 
 struct Route {
@@ -83,6 +85,10 @@ struct Worker {
     in_flight: HashMap<i64, InFlight>,
     routes: HashMap<String, Route>,
     routes_version: String,
+    /// The shared configuration generation the routes were last checked at.
+    config_generation: u64,
+    /// Transports that exist but cannot be built, with the reason (for the receipts).
+    unusable: HashMap<String, String>,
     done: Vec<(Outcome, Option<InFlight>)>,
     /// The state last reported to pg_stat_activity (None before the first report).
     state: Option<WorkerState>,
@@ -152,6 +158,8 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         in_flight: HashMap::new(),
         routes: HashMap::new(),
         routes_version: String::new(),
+        config_generation: 0,
+        unusable: HashMap::new(),
         done: Vec::new(),
         state: None,
         templates: Default::default(),
@@ -172,7 +180,8 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// The stored message with its template rendered (template mail), as it will be built.
+/// The stored message as it will be built: its template rendered (template mail), and a text
+/// part derived for HTML-only mail.
 fn rendered(
     job: &queue::Job,
     templates: &std::sync::Arc<crate::render::Library>,
@@ -188,6 +197,11 @@ fn rendered(
         stored.body = p.body;
         stored.html = p.html;
     }
+    // HTML-only mail gets a text part derived from the HTML, as template mail does: spam filters
+    // score HTML-only mail worse, and text-only clients need something to show.
+    if let (None, Some(html)) = (&stored.body, &stored.html) {
+        stored.body = crate::render::html_to_text(html).ok();
+    }
     Ok(stored)
 }
 
@@ -197,8 +211,13 @@ fn prepare(
     job: &queue::Job,
     templates: &std::sync::Arc<crate::render::Library>,
     http: bool,
-) -> Result<Outgoing, String> {
+) -> Result<(Outgoing, Option<crate::render::Parts>), String> {
     let stored = rendered(job, templates)?;
+    let parts = job.template.as_ref().map(|_| crate::render::Parts {
+        subject: stored.subject.clone(),
+        body: stored.body.clone(),
+        html: stored.html.clone(),
+    });
     let built = crate::message::build(&stored).map_err(|e| format!("the stored message cannot be built: {e}"))?;
     let pending = job.pending.as_deref();
     let to: Vec<lettre::Address> =
@@ -210,7 +229,7 @@ fn prepare(
     } else {
         None
     };
-    Ok(Outgoing {
+    let out = Outgoing {
         id: job.id,
         attempt: job.attempt,
         from: built.from,
@@ -218,7 +237,8 @@ fn prepare(
         raw: Rc::new(built.raw),
         message_id: job.stored.message_id.clone(),
         fields,
-    })
+    };
+    Ok((out, parts))
 }
 
 impl Worker {
@@ -318,6 +338,13 @@ impl Worker {
             let free = max.saturating_sub(self.in_flight.len());
             let worth = self.in_flight.is_empty() || free >= (max / 4).clamp(1, gucs::batch_size());
             if maybe_due && free > 0 && worth && !gucs::paused() {
+                // A transport changed by a transaction that committed before this claim is used
+                // for it: backends bump the generation at commit, after their change is visible.
+                let generation = shmem::config_generation();
+                if generation != self.config_generation {
+                    self.config_generation = generation;
+                    self.reload_routes(false);
+                }
                 let want = free.min(gucs::batch_size());
                 let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot, backlog);
                 maybe_due = jobs.len() == want;
@@ -335,7 +362,11 @@ impl Worker {
             }
 
             if self.sending.is_empty() && self.done.is_empty() {
-                self.set_state(WorkerState::Idle, "idle");
+                if gucs::paused() {
+                    self.set_state(WorkerState::Paused, "paused (pg_email.paused)");
+                } else {
+                    self.set_state(WorkerState::Idle, "idle");
+                }
                 let mut sleep = poll.saturating_sub(last_tick.elapsed());
                 if !maybe_due && !gucs::paused() {
                     if let Some(ms) = queue::next_due_ms() {
@@ -366,6 +397,7 @@ impl Worker {
         }
         self.routes_version = version;
         let mut routes = HashMap::new();
+        self.unusable.clear();
         for row in queue::load_transports() {
             let built = dsn::parse(&row.dsn)
                 .map_err(deliver::TransportError::from)
@@ -375,7 +407,10 @@ impl Worker {
                     let pacer = rate.map(|r| pacer(&row.name, r));
                     routes.insert(row.name, Route { transport: Rc::new(t), fallback: row.fallback, pacer });
                 }
-                Err(e) => warning!("pg_email: transport \"{}\" cannot be used: {e}", row.name),
+                Err(e) => {
+                    warning!("pg_email: transport \"{}\" cannot be used: {e}", row.name);
+                    self.unusable.insert(row.name, e.to_string());
+                }
             }
         }
         self.routes = routes;
@@ -385,7 +420,11 @@ impl Worker {
     /// fails for good, with the reason in its receipt.
     fn start(&mut self, job: queue::Job) {
         let Some(route) = self.routes.get(&job.transport) else {
-            self.fail(&job, format!("transport \"{}\" does not exist or cannot be built", job.transport));
+            let reason = match self.unusable.get(&job.transport) {
+                Some(e) => format!("transport \"{}\" cannot be used: {e}", job.transport),
+                None => format!("transport \"{}\" does not exist", job.transport),
+            };
+            self.fail(&job, reason);
             return;
         };
         let (transport, pacer) = (route.transport.clone(), route.pacer.clone());
@@ -396,9 +435,9 @@ impl Worker {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(&job, templates, transport.is_http())))
                 .unwrap_or_else(|_| Err("preparing the message panicked".to_string()));
         match prepared {
-            Ok(out) => {
+            Ok((out, rendered)) => {
                 let rcpts = out.to.iter().map(|a| a.to_string()).collect();
-                self.in_flight.insert(job.id, InFlight { rcpts, envelope_from: out.from.to_string() });
+                self.in_flight.insert(job.id, InFlight { rcpts, envelope_from: out.from.to_string(), rendered });
                 self.sending.push(Box::pin(deliver::timed(job.transport.clone(), transport, pacer, out)));
             }
             Err(reason) => self.fail(&job, reason),
@@ -466,7 +505,11 @@ impl Worker {
                     raw: base64::engine::general_purpose::STANDARD.encode(raw.as_slice()),
                 });
             }
-            plans.push(outcome::plan(&o, &rcpts, fallback.as_deref(), &policy));
+            let mut plan = outcome::plan(&o, &rcpts, fallback.as_deref(), &policy);
+            if let Some(p) = f.and_then(|f| f.rendered) {
+                (plan.update.subject, plan.update.body, plan.update.html) = (Some(p.subject), p.body, p.html);
+            }
+            plans.push(plan);
         }
         queue::complete(&plans, &captured);
         if let Some(s) = shmem::slot(self.slot) {

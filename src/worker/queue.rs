@@ -21,6 +21,8 @@ const PINNED_VERSIONS: &str = include_str!("../../sql/worker/pinned_versions.sql
 const RECORD_OUTCOMES: &str = include_str!("../../sql/worker/record_outcomes.sql");
 const RECORD_RECEIPTS: &str = include_str!("../../sql/worker/record_receipts.sql");
 const RECORD_CAPTURED: &str = include_str!("../../sql/worker/record_captured.sql");
+const USER_TRIGGERS_OFF: &str = include_str!("../../sql/worker/user_triggers_off.sql");
+const USER_TRIGGERS_ON: &str = include_str!("../../sql/worker/user_triggers_on.sql");
 const RELEASE: &str = include_str!("../../sql/worker/release.sql");
 const REAP_LEASES: &str = include_str!("../../sql/worker/reap_leases.sql");
 const NEXT_DUE_MS: &str = include_str!("../../sql/worker/next_due_ms.sql");
@@ -198,29 +200,88 @@ pub struct Captured {
     pub raw: String,
 }
 
-/// Records a batch of outcomes in one transaction.
-pub fn complete(plans: &[Plan], captured: &[Captured]) {
-    let updates = serde_json::to_value(plans.iter().map(|p| &p.update).collect::<Vec<_>>()).unwrap_or_default();
-    let receipts = serde_json::to_value(plans.iter().flat_map(|p| &p.receipts).collect::<Vec<_>>()).unwrap_or_default();
-    let suppress: Vec<serde_json::Value> = plans
-        .iter()
-        .flat_map(|p| p.suppress.iter().map(move |a| serde_json::json!({"address": a, "message_id": p.update.id})))
-        .collect();
-    let captured = serde_json::to_value(captured).unwrap_or_default();
-    let has_captured = captured.as_array().is_some_and(|a| !a.is_empty());
-    BackgroundWorker::transaction(move || {
+/// The arguments of the record statements for some outcomes.
+struct Rows {
+    updates: serde_json::Value,
+    receipts: serde_json::Value,
+    suppress: serde_json::Value,
+    captured: Option<serde_json::Value>,
+}
+
+impl Rows {
+    fn of<'a>(plans: impl Iterator<Item = &'a Plan> + Clone, captured: Vec<&Captured>) -> Rows {
+        let json = |v: Result<serde_json::Value, _>| v.unwrap_or_default();
+        let suppress: Vec<serde_json::Value> = plans
+            .clone()
+            .flat_map(|p| p.suppress.iter().map(move |a| serde_json::json!({"address": a, "message_id": p.update.id})))
+            .collect();
+        Rows {
+            updates: json(serde_json::to_value(plans.clone().map(|p| &p.update).collect::<Vec<_>>())),
+            receipts: json(serde_json::to_value(plans.flat_map(|p| &p.receipts).collect::<Vec<_>>())),
+            suppress: serde_json::Value::Array(suppress),
+            captured: (!captured.is_empty()).then(|| json(serde_json::to_value(captured))),
+        }
+    }
+
+    /// Runs the record statements; an error (a user trigger's, say) is raised.
+    fn write(&self) {
         Spi::connect_mut(|client| {
-            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(updates).into()]));
+            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(self.updates.clone()).into()]));
             spi(client.update(
                 RECORD_RECEIPTS,
                 None,
-                &[JsonB(receipts).into(), JsonB(serde_json::Value::Array(suppress)).into()],
+                &[JsonB(self.receipts.clone()).into(), JsonB(self.suppress.clone()).into()],
             ));
-            if has_captured {
-                spi(client.update(RECORD_CAPTURED, None, &[JsonB(captured).into()]));
+            if let Some(c) = &self.captured {
+                spi(client.update(RECORD_CAPTURED, None, &[JsonB(c.clone()).into()]));
             }
         })
+    }
+}
+
+/// Records a batch of outcomes in one transaction. A user trigger on the outbox tables cannot
+/// stop it: the batch is written in a subtransaction; if that fails, each outcome in its own;
+/// an outcome that still fails is written with user triggers off, its receipts saying why, so
+/// that the message keeps its true status and is never sent again because of a trigger.
+pub fn complete(plans: &[Plan], captured: &[Captured]) {
+    let captured_of = |id: i64| captured.iter().filter(|c| c.message_id == id).collect::<Vec<_>>();
+    let bypassed_suppressions = BackgroundWorker::transaction(|| {
+        if crate::subxact::run(|| Rows::of(plans.iter(), captured.iter().collect()).write()).is_ok() {
+            return false;
+        }
+        let mut bypassed_suppressions = false;
+        for plan in plans {
+            let id = plan.update.id;
+            let Err(error) = crate::subxact::run(|| Rows::of(std::iter::once(plan), captured_of(id)).write()) else {
+                continue;
+            };
+            warning!(
+                "pg_email worker: recording the outcome of message {id} failed in a user trigger: {error}; \
+                 it is recorded with user triggers off"
+            );
+            let mut plan = plan.clone();
+            for r in &mut plan.receipts {
+                r.response = format!("{} (recorded with user triggers off: a trigger failed: {error})", r.response);
+            }
+            let bypass = crate::subxact::run(|| {
+                spi(Spi::run(USER_TRIGGERS_OFF));
+                Rows::of(std::iter::once(&plan), captured_of(id)).write();
+                spi(Spi::run(USER_TRIGGERS_ON));
+            });
+            match bypass {
+                Ok(()) => bypassed_suppressions |= !plan.suppress.is_empty(),
+                Err(e) => warning!(
+                    "pg_email worker: the outcome of message {id} cannot be recorded: {e}; \
+                     it will be tried again when its lease expires"
+                ),
+            }
+        }
+        bypassed_suppressions
     });
+    // The suppressions trigger did not run for outcomes written with user triggers off.
+    if bypassed_suppressions {
+        crate::shmem::bump_config_generation();
+    }
 }
 
 /// Puts rows claimed but not sent (shutdown) back in the queue, without counting the attempt.

@@ -155,8 +155,10 @@ def test_rollback_leaves_no_row(api):
 
 
 def test_idempotency_key_returns_existing_id(api):
+    """The same call with the same key again returns the first id and queues nothing (a key
+    reused with other content is refused: test_first_hour.py)."""
     a = api.val("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b', idempotency_key => 'k1')")
-    b = api.val("SELECT email.send(recipients => 'other@x.org', subject => 'other', body => 'c', idempotency_key => 'k1')")
+    b = api.val("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b', idempotency_key => 'k1')")
     assert a == b
     assert api.val("SELECT count(*) FROM email.messages") == 1
 
@@ -218,9 +220,12 @@ def test_add_transport_replaces_and_keeps_one_default(api):
     api.all("SELECT email.add_transport('a', 'capture://', is_default => true)")
     api.all("SELECT email.add_transport('b', 'smtp://u:pw@mail.x.org:587', is_default => true, fallback => 'a')")
     assert api.all("SELECT name FROM email.transports WHERE is_default") == [("b",)]
+    # Replacing the DSN keeps the default and the fallback (NULL arguments keep).
     api.all("SELECT email.add_transport('b', 'smtps://u:pw2@mail.x.org')")
     assert api.one("SELECT kind, dsn, is_default, fallback FROM email.transports WHERE name = 'b'") == \
-        ("smtp", "smtps://u:***@mail.x.org:465", False, None)
+        ("smtp", "smtps://u:***@mail.x.org:465", True, "a")
+    api.all("SELECT email.add_transport('b', 'smtps://u:pw2@mail.x.org', is_default => false, fallback => '')")
+    assert api.one("SELECT is_default, fallback FROM email.transports WHERE name = 'b'") == (False, None)
 
 
 SECRET = "Sup3rS3cretValue"

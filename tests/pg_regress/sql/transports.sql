@@ -16,7 +16,7 @@ SELECT refused($$SELECT email.add_transport('t1', 'smtp://user:Sup3rS3cret@mail.
 SELECT refused($$SELECT email.add_transport('t1', 'ftp://user:Sup3rS3cret@x')$$);
 -- one transport of each kind, then the public view
 SELECT email.add_transport('cap', 'capture://', is_default => true);
-SELECT email.add_transport('files', 'file:///var/tmp/pg_email-golden');
+SELECT email.add_transport('files', 'file:///tmp');
 SELECT email.add_transport('smtp', 'smtp://user:Sup3rS3cret@mail.x.org:587', fallback => 'cap');
 SELECT email.add_transport('smtps', 'smtps://user:Sup3rS3cret@mail.x.org');
 SELECT email.add_transport('shop', 'capture://?from=Shop%20%3Cshop%40x.org%3E');
