@@ -49,6 +49,31 @@ END $$;
 CREATE TRIGGER templates_version_saved AFTER INSERT OR UPDATE ON email.templates
     FOR EACH ROW EXECUTE FUNCTION email._template_version_saved();
 
+-- A template may only extend, include or import templates that exist. Checked when the
+-- transaction commits, so one migration may save a layout, its partials and its children in
+-- any order.
+CREATE FUNCTION email._template_references() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    missing text;
+BEGIN
+    SELECT m[2] INTO missing
+    FROM email.templates t,
+         regexp_matches(concat_ws(E'\n', t.subject, t.body, t.html),
+                        '\{%-?\s*(extends|include|import|from)\s+[''"]([^''"]+)[''"]', 'g') AS m
+    WHERE t.name = NEW.name AND m[2] <> t.name
+      AND NOT EXISTS (SELECT 1 FROM email.templates u WHERE u.name = m[2])
+    LIMIT 1;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'template "%" uses template "%", which does not exist', NEW.name, missing
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Save the layouts and partials a template uses in the same transaction or before it.';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER templates_references AFTER INSERT OR UPDATE ON email.templates
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION email._template_references();
+
 -- A template that another one extends or includes cannot be deleted: queued mail rendered
 -- through that layout would break. (Every version of every template stays in
 -- template_versions, so deleting a template never breaks mail that pinned it.)
@@ -156,6 +181,27 @@ SELECT date_trunc('day', r.at)::date AS day,
 FROM email.receipts r
 GROUP BY 1, 2;
 
+-- DROP EXTENSION pg_email deletes the outbox: refuse it while mail is queued or being sent,
+-- unless pg_email.drop_with_queued_mail is on. (Event triggers see only the command's text at
+-- its start, so any DROP EXTENSION naming pg_email is checked.)
+CREATE FUNCTION email._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    waiting bigint;
+BEGIN
+    IF current_query() !~* 'pg_email' OR current_setting('pg_email.drop_with_queued_mail')::boolean THEN
+        RETURN;
+    END IF;
+    SELECT count(*) INTO waiting FROM email.messages WHERE status IN ('queued', 'sending');
+    IF waiting > 0 THEN
+        RAISE EXCEPTION 'pg_email still has % messages queued or being sent; DROP EXTENSION would delete them', waiting
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Let them be sent, cancel or purge them, or SET pg_email.drop_with_queued_mail = on to drop them anyway.';
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pg_email_guard_drop ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION email._guard_drop();
+
 -- Row-level security: a role other than the owner sees only what it queued.
 ALTER TABLE email.messages ENABLE ROW LEVEL SECURITY;
 CREATE POLICY messages_own ON email.messages FOR SELECT USING (created_by = current_user);
@@ -239,7 +285,7 @@ COMMENT ON COLUMN email.suppressions.message_id IS 'The message whose outcome ad
 
 COMMENT ON TABLE email.attachments IS 'Decoded attachments of queued messages, in order.';
 COMMENT ON TABLE email.captured IS 'What the capture:// transport "sent": the final message bytes and the envelope; nothing left the database.';
-COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax and bumps version when the content changed; every version is kept in email.template_versions.';
+COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax, filters and tests, and (at commit) that the templates it extends or includes exist; it bumps version when the content changed; every version is kept in email.template_versions.';
 COMMENT ON COLUMN email.templates.version IS 'The current version; set by the trigger, not by you.';
 COMMENT ON TABLE email.template_versions IS 'Every saved version of every template; queued template mail renders the version it pinned.';
 
@@ -254,6 +300,7 @@ COMMENT ON FUNCTION email.cancel IS 'Cancels a message that is still queued; tru
 COMMENT ON FUNCTION email.retry IS 'Requeues a failed or bounced message for a fresh series of attempts (never to recipients suppressed now), or makes a queued message waiting for a retry due now; true if it did.';
 COMMENT ON FUNCTION email.purge IS 'Deletes finished messages (with their receipts, attachments and captures) created longer ago than the interval; returns how many.';
 COMMENT ON FUNCTION email.update_transport IS 'Changes whether a transport is the default and what its fallback is, keeping its DSN; NULL keeps, fallback => '''' removes the fallback.';
+COMMENT ON FUNCTION email.test_transport IS 'Checks a transport without waiting for real mail: its DSN, what it needs on this machine, a connection (at most 10 s per step), and with a recipient queues a test message; one row per step, never a secret.';
 COMMENT ON FUNCTION email.retry_all IS 'email.retry for every failed and bounced message (or the given status) the caller may act on, optionally by transport and since a time; returns how many. For recovery after an outage.';
 COMMENT ON FUNCTION email.suppress IS 'Adds an address, or a whole domain as *@domain, to the suppression list (any letter case); true if it was not on it.';
 COMMENT ON FUNCTION email.unsuppress IS 'Takes an address or *@domain off the suppression list; true if it was on it.';

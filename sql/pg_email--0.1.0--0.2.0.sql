@@ -79,13 +79,17 @@ REVOKE ALL ON FUNCTION email._template_version_saved() FROM PUBLIC;
 CREATE TRIGGER templates_version_saved AFTER INSERT OR UPDATE ON email.templates
     FOR EACH ROW EXECUTE FUNCTION email._template_version_saved();
 
--- Transports: replacing one keeps its default and fallback unless the call says otherwise.
-CREATE OR REPLACE FUNCTION email.add_transport(
-    "name" TEXT, "dsn" TEXT, "is_default" bool DEFAULT NULL, "fallback" TEXT DEFAULT NULL
+-- Transports: replacing one keeps its default and fallback unless the call says otherwise, and
+-- the secret may come as its own argument.
+DROP FUNCTION email.add_transport(text, text, bool, text);
+CREATE FUNCTION email.add_transport(
+    "name" TEXT, "dsn" TEXT, "is_default" bool DEFAULT NULL, "fallback" TEXT DEFAULT NULL,
+    "secret" TEXT DEFAULT NULL
 ) RETURNS void
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, email, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'add_transport_wrapper';
+REVOKE ALL ON FUNCTION email.add_transport(text, text, bool, text, text) FROM PUBLIC;
 CREATE FUNCTION email.update_transport("name" TEXT, "is_default" bool DEFAULT NULL, "fallback" TEXT DEFAULT NULL)
 RETURNS void
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
@@ -169,6 +173,64 @@ REVOKE ALL ON FUNCTION email._suppression_address() FROM PUBLIC;
 REVOKE ALL ON FUNCTION email.suppress(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION email.unsuppress(text) FROM PUBLIC;
 
+-- A template may only extend, include or import templates that exist. Checked when the
+-- transaction commits, so one migration may save a layout, its partials and its children in
+-- any order.
+CREATE FUNCTION email._template_references() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    missing text;
+BEGIN
+    SELECT m[2] INTO missing
+    FROM email.templates t,
+         regexp_matches(concat_ws(E'\n', t.subject, t.body, t.html),
+                        '\{%-?\s*(extends|include|import|from)\s+[''"]([^''"]+)[''"]', 'g') AS m
+    WHERE t.name = NEW.name AND m[2] <> t.name
+      AND NOT EXISTS (SELECT 1 FROM email.templates u WHERE u.name = m[2])
+    LIMIT 1;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'template "%" uses template "%", which does not exist', NEW.name, missing
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Save the layouts and partials a template uses in the same transaction or before it.';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER templates_references AFTER INSERT OR UPDATE ON email.templates
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION email._template_references();
+
+REVOKE ALL ON FUNCTION email._template_references() FROM PUBLIC;
+
+-- Checking a transport without waiting for real mail.
+CREATE FUNCTION email.test_transport("name" TEXT, "recipient" TEXT DEFAULT NULL)
+RETURNS TABLE ("step" TEXT, "ok" bool, "detail" TEXT)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, email, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'test_transport_wrapper';
+REVOKE ALL ON FUNCTION email.test_transport(text, text) FROM PUBLIC;
+
+-- DROP EXTENSION pg_email deletes the outbox: refuse it while mail is queued or being sent,
+-- unless pg_email.drop_with_queued_mail is on. (Event triggers see only the command's text at
+-- its start, so any DROP EXTENSION naming pg_email is checked.)
+CREATE FUNCTION email._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    waiting bigint;
+BEGIN
+    IF current_query() !~* 'pg_email' OR current_setting('pg_email.drop_with_queued_mail')::boolean THEN
+        RETURN;
+    END IF;
+    SELECT count(*) INTO waiting FROM email.messages WHERE status IN ('queued', 'sending');
+    IF waiting > 0 THEN
+        RAISE EXCEPTION 'pg_email still has % messages queued or being sent; DROP EXTENSION would delete them', waiting
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Let them be sent, cancel or purge them, or SET pg_email.drop_with_queued_mail = on to drop them anyway.';
+    END IF;
+END $$;
+CREATE EVENT TRIGGER pg_email_guard_drop ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION email._guard_drop();
+
+REVOKE ALL ON FUNCTION email._guard_drop() FROM PUBLIC;
+
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
 COMMENT ON FUNCTION email._is_finished(email.status) IS 'True for the statuses a message does not leave by itself; the one definition used by indexes, email.purge and the retention purge.';
@@ -219,7 +281,7 @@ COMMENT ON COLUMN email.suppressions.message_id IS 'The message whose outcome ad
 
 COMMENT ON TABLE email.attachments IS 'Decoded attachments of queued messages, in order.';
 COMMENT ON TABLE email.captured IS 'What the capture:// transport "sent": the final message bytes and the envelope; nothing left the database.';
-COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax and bumps version when the content changed; every version is kept in email.template_versions.';
+COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax, filters and tests, and (at commit) that the templates it extends or includes exist; it bumps version when the content changed; every version is kept in email.template_versions.';
 COMMENT ON COLUMN email.templates.version IS 'The current version; set by the trigger, not by you.';
 COMMENT ON TABLE email.template_versions IS 'Every saved version of every template; queued template mail renders the version it pinned.';
 
@@ -234,6 +296,7 @@ COMMENT ON FUNCTION email.cancel IS 'Cancels a message that is still queued; tru
 COMMENT ON FUNCTION email.retry IS 'Requeues a failed or bounced message for a fresh series of attempts (never to recipients suppressed now), or makes a queued message waiting for a retry due now; true if it did.';
 COMMENT ON FUNCTION email.purge IS 'Deletes finished messages (with their receipts, attachments and captures) created longer ago than the interval; returns how many.';
 COMMENT ON FUNCTION email.update_transport IS 'Changes whether a transport is the default and what its fallback is, keeping its DSN; NULL keeps, fallback => '''' removes the fallback.';
+COMMENT ON FUNCTION email.test_transport IS 'Checks a transport without waiting for real mail: its DSN, what it needs on this machine, a connection (at most 10 s per step), and with a recipient queues a test message; one row per step, never a secret.';
 COMMENT ON FUNCTION email.retry_all IS 'email.retry for every failed and bounced message (or the given status) the caller may act on, optionally by transport and since a time; returns how many. For recovery after an outage.';
 COMMENT ON FUNCTION email.suppress IS 'Adds an address, or a whole domain as *@domain, to the suppression list (any letter case); true if it was not on it.';
 COMMENT ON FUNCTION email.unsuppress IS 'Takes an address or *@domain off the suppression list; true if it was on it.';

@@ -64,7 +64,7 @@ impl Checked {
 /// Checks every argument that needs no database; the first failure names its field.
 pub fn check(d: &Draft, limits: &Limits) -> Result<Checked, FieldError> {
     let to = match d.recipients {
-        None => return Err(FieldError::new("recipients", "is required")),
+        None => return Err(FieldError::required("recipients")),
         Some(r) => message::parse_mailboxes("recipients", r)?,
     };
     let cc = optional_list("cc", d.cc)?;
@@ -73,7 +73,7 @@ pub fn check(d: &Draft, limits: &Limits) -> Result<Checked, FieldError> {
     check_recipient_count(to.len() + cc.len() + bcc.len(), limits)?;
     if !d.templated {
         match d.subject {
-            None => return Err(FieldError::new("subject", "is required")),
+            None => return Err(FieldError::required("subject")),
             Some(s) => check_single_line("subject", s)?,
         }
         if d.body.is_none() && d.html.is_none() {

@@ -30,6 +30,8 @@ static RETRY_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
 static LEASE_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
 /// Stop claiming new mail (in-flight sends finish).
 static PAUSED: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Lets DROP EXTENSION pg_email delete mail that is still queued (read by an event trigger).
+static DROP_WITH_QUEUED_MAIL: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Finished messages older than this are purged by the worker, in seconds; 0 keeps them.
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Largest message accepted at enqueue (body, html and attachments), in kB.
@@ -122,6 +124,14 @@ pub fn init() {
         c"Sends already in flight finish; queued mail waits.",
         &PAUSED,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_email.drop_with_queued_mail",
+        c"Let DROP EXTENSION pg_email delete mail that is still queued.",
+        c"Off: DROP EXTENSION pg_email is refused while messages are queued or being sent.",
+        &DROP_WITH_QUEUED_MAIL,
+        GucContext::Userset,
         GucFlags::default(),
     );
     int(

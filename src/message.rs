@@ -12,15 +12,31 @@ use serde_json::Value;
 
 /// A value refused at the edge. `field` names the argument (or the JSON member) at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {message}")]
+#[error("{}", self.describe())]
 pub struct FieldError {
     pub field: String,
     pub message: String,
 }
 
+/// The message of a missing required argument.
+const REQUIRED: &str = "is required";
+
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError { field: field.into(), message: message.into() }
+    }
+
+    /// A required argument (or JSON member) that is NULL or missing.
+    pub fn required(field: impl Into<String>) -> Self {
+        FieldError::new(field, REQUIRED)
+    }
+
+    fn describe(&self) -> String {
+        if self.message == REQUIRED {
+            format!("{} is required (it is NULL or missing)", self.field)
+        } else {
+            format!("invalid {}: {}", self.field, self.message)
+        }
     }
 }
 
@@ -127,7 +143,7 @@ fn display_name(phrase: &str) -> Result<Option<String>, String> {
 fn parse_one(piece: &str) -> Result<Mailbox, String> {
     let piece = piece.trim();
     if piece.is_empty() {
-        return Err("empty address".into());
+        return Err("an empty entry (a trailing or doubled comma?)".into());
     }
     let (name, addr) = match piece.find('<').filter(|_| piece.ends_with('>')) {
         Some(open) if !in_quotes(piece, open) => {
@@ -138,8 +154,15 @@ fn parse_one(piece: &str) -> Result<Mailbox, String> {
     if addr.is_empty() {
         return Err("empty address in angle brackets".into());
     }
+    if addr.contains(';') && !addr.starts_with('"') {
+        return Err("addresses are separated by commas, not semicolons".into());
+    }
     if addr.chars().any(char::is_whitespace) && !addr.starts_with('"') {
-        return Err("white space inside an address".into());
+        return Err(if addr.matches('@').count() > 1 {
+            "two addresses without a comma between them?".into()
+        } else {
+            "white space inside an address".into()
+        });
     }
     if addr.starts_with('"') && !addr.contains("\"@") {
         return Err("malformed quoted local part".into());
@@ -310,9 +333,8 @@ pub fn parse_attachments(value: &Value) -> Result<Vec<Attachment>, FieldError> {
                 Some(_) => Err(FieldError::new(at(k), "must be a JSON string")),
             }
         };
-        let filename = text("filename")?
-            .filter(|f| !f.trim().is_empty())
-            .ok_or_else(|| FieldError::new(at("filename"), "is required"))?;
+        let filename =
+            text("filename")?.filter(|f| !f.trim().is_empty()).ok_or_else(|| FieldError::required(at("filename")))?;
         check_single_line(&at("filename"), filename)?;
         if filename.contains(['/', '\\']) {
             return Err(FieldError::new(

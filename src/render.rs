@@ -156,7 +156,98 @@ fn environment<'a>(part: Part, main: &Parts, library: Arc<Library>, fuel: u64) -
     env
 }
 
-/// Compiles every part of a template; the first syntax error is returned with its position.
+/// 1-based line and column of byte `at` in `src`.
+fn position_of(src: &str, at: usize) -> (usize, usize) {
+    let before = &src[..at.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    (line, column_of(src, at))
+}
+
+/// The first filter (`x | name`) or test (`x is name`) in `src` that the render environment
+/// does not know, with its byte offset. minijinja resolves these only when the expression runs,
+/// so without this check a typo would surface only when some data takes that branch.
+fn unknown_names(src: &str) -> Option<(&'static str, String, usize)> {
+    let env = environment(Part::Body, &Parts::default(), Arc::new(Library::new()), 10_000);
+    let known = |kind: &str, name: &str| {
+        let probe =
+            if kind == "filter" { format!("{{{{ none | {name} }}}}") } else { format!("{{{{ none is {name} }}}}") };
+        match env.render_str(&probe, ()) {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest),
+        }
+    };
+    for (kind, name, at) in names_in_expressions(src) {
+        if !known(kind, &name) {
+            return Some((kind, name, at));
+        }
+    }
+    None
+}
+
+/// Every filter and test name used inside `{{ }}` and `{% %}` blocks, outside string literals.
+fn names_in_expressions(src: &str) -> Vec<(&'static str, String, usize)> {
+    let bytes = src.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        // Bytes, not &str slices: `i + 1` may be inside a multi-byte character.
+        if bytes[i] != b'{' || (bytes[i + 1] != b'{' && bytes[i + 1] != b'%') {
+            i += 1;
+            continue;
+        }
+        let close = if bytes[i + 1] == b'{' { "}}" } else { "%}" };
+        let Some(len) = src[i + 2..].find(close) else { break };
+        let (start, end) = (i + 2, i + 2 + len);
+        let mut j = start;
+        let mut quote: Option<u8> = None;
+        let mut expect: Option<&'static str> = None; // after `|` or `is`: the next word is a name
+        while j < end {
+            let c = bytes[j];
+            if let Some(q) = quote {
+                if c == b'\\' {
+                    j += 1;
+                } else if c == q {
+                    quote = None;
+                }
+                j += 1;
+                continue;
+            }
+            if c == b'"' || c == b'\'' {
+                quote = Some(c);
+                expect = None;
+                j += 1;
+            } else if c == b'|' {
+                expect = Some("filter");
+                j += 1;
+            } else if c.is_ascii_alphabetic() || c == b'_' {
+                let w = j;
+                while j < end && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'_') {
+                    j += 1;
+                }
+                let word = &src[w..j];
+                match (expect, word) {
+                    (Some("test"), "not") => {}
+                    (Some(kind), _) => {
+                        out.push((kind, word.to_string(), w));
+                        expect = None;
+                    }
+                    (None, "is") => expect = Some("test"),
+                    _ => {}
+                }
+            } else {
+                if !c.is_ascii_whitespace() {
+                    expect = None;
+                }
+                j += 1;
+            }
+        }
+        i = end + 2;
+    }
+    out
+}
+
+/// Compiles every part of a template; the first syntax error is returned with its position, as
+/// is the first unknown filter or test.
 pub fn check_syntax(name: &str, parts: &Parts) -> Result<(), RenderError> {
     for part in [Part::Subject, Part::Body, Part::Html] {
         let Some(src) = part.of(parts) else { continue };
@@ -170,6 +261,16 @@ pub fn check_syntax(name: &str, parts: &Parts) -> Result<(), RenderError> {
                 line,
                 column,
                 message: message_of(&e),
+            });
+        }
+        if let Some((kind, unknown, at)) = unknown_names(src) {
+            let (line, column) = position_of(src, at);
+            return Err(RenderError::Syntax {
+                template: name.into(),
+                part: part.name(),
+                line,
+                column,
+                message: format!("unknown {kind} \"{unknown}\""),
             });
         }
     }
@@ -288,6 +389,21 @@ mod tests {
 
     fn lib(items: &[(&str, Parts)]) -> Arc<Library> {
         Arc::new(items.iter().map(|(n, p)| (n.to_string(), p.clone())).collect())
+    }
+
+    #[test]
+    fn unknown_filters_and_tests_are_refused_at_save_time_with_their_position() {
+        let p = parts("s", Some("Hi\n  {{ name | nosuchfilter }}"), None);
+        let RenderError::Syntax { line, column, message, part, .. } = check_syntax("t", &p).unwrap_err() else {
+            panic!("not a syntax error")
+        };
+        assert_eq!((part, line, column, message.as_str()), ("body", 2, 13, "unknown filter \"nosuchfilter\""));
+        let p = parts("{% if x is shiny %}y{% endif %}", None, Some("h"));
+        let e = check_syntax("t", &p).unwrap_err().to_string();
+        assert_eq!(e, "template \"t\", subject part, line 1, column 12: unknown test \"shiny\"");
+        let fine = "{{ x | upper }}{% if x is not defined %}{% endif %}{{ 'a | nope' }}{{ \"x is nope\" }}\
+                    {% for i in items | sort %}{{ i | default('-') | e }}{% endfor %}{{ d | datetimeformat }}";
+        assert_eq!(check_syntax("t", &parts(fine, None, Some(fine))), Ok(()));
     }
 
     #[test]

@@ -20,7 +20,7 @@ const IS_NEGATIVE: &str = include_str!("../../sql/api/interval_is_negative.sql")
 
 /// Runs `sql` (cancel.sql, retry.sql) for message `id` as the caller; true if it changed a row.
 fn change(sql: &str, id: Option<i64>) -> bool {
-    let Some(id) = id else { invalid(FieldError::new("id", "is required")) };
+    let Some(id) = id else { invalid(FieldError::required("id")) };
     let caller = caller_role();
     Spi::connect_mut(|client| {
         let t = client.update(sql, None, &[id.into(), caller.as_str().into()]).unwrap_or_else(|e| spi_failed(e));
@@ -83,7 +83,7 @@ fn retry_one(client: &mut pgrx::spi::SpiClient, id: i64, caller: &str) -> bool {
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn retry(id: Option<i64>) -> bool {
-    let Some(id) = id else { invalid(FieldError::new("id", "is required")) };
+    let Some(id) = id else { invalid(FieldError::required("id")) };
     let caller = caller_role();
     let done = Spi::connect_mut(|client| retry_one(client, id, &caller));
     if done {
@@ -130,7 +130,7 @@ fn retry_all(
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn purge(older_than: Option<pgrx::datum::Interval>) -> i64 {
-    let Some(older_than) = older_than else { invalid(FieldError::new("older_than", "is required")) };
+    let Some(older_than) = older_than else { invalid(FieldError::required("older_than")) };
     Spi::connect_mut(|client| {
         let neg = client
             .select(IS_NEGATIVE, None, &[older_than.into()])

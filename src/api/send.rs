@@ -371,7 +371,7 @@ fn send_template(
     transport: default!(Option<&str>, "NULL"),
     priority: default!(Option<i32>, 0),
 ) -> i64 {
-    let name = template.unwrap_or_else(|| invalid(FieldError::new("template", "is required")));
+    let name = template.unwrap_or_else(|| invalid(FieldError::required("template")));
     let data = data.unwrap_or_else(|| JsonB(serde_json::json!({})));
     if !data.0.is_object() {
         invalid(FieldError::new("data", "must be a JSON object"));

@@ -62,7 +62,7 @@ const UPSERT_SECRET: &str = include_str!("../../sql/api/upsert_transport_secret.
 const UPDATE: &str = include_str!("../../sql/api/update_transport.sql");
 
 fn checked_name(name: Option<&str>) -> &str {
-    let name = name.unwrap_or_else(|| super::invalid(FieldError::new("name", "is required")));
+    let name = name.unwrap_or_else(|| super::invalid(FieldError::required("name")));
     if !valid_name(name) {
         super::invalid(FieldError::new("name", format!("{} {NAME_RULE}", show(name))));
     }
@@ -100,7 +100,8 @@ fn take_default(client: &mut pgrx::spi::SpiClient, name: &str) {
 }
 
 /// Registers a named transport, or replaces its DSN. On a replace, `is_default` and `fallback`
-/// left NULL keep their values (`fallback => ''` removes the fallback).
+/// left NULL keep their values (`fallback => ''` removes the fallback). `secret` may carry the
+/// DSN's secret separately (as a bind parameter, it never appears in a statement's text).
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 fn add_transport(
@@ -108,10 +109,21 @@ fn add_transport(
     dsn: Option<&str>,
     is_default: default!(Option<bool>, "NULL"),
     fallback: default!(Option<&str>, "NULL"),
+    secret: default!(Option<&str>, "NULL"),
 ) {
     crate::xact::handling_secret(true);
     let name = checked_name(name);
-    let raw = dsn.unwrap_or_else(|| super::invalid(FieldError::new("dsn", "is required")));
+    let given = dsn.unwrap_or_else(|| super::invalid(FieldError::required("dsn")));
+    let merged = secret.map(|s| {
+        dsn::with_secret(given, s).unwrap_or_else(|e| {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid secret for transport {}: {e}", show(name)),
+                None,
+            )
+        })
+    });
+    let raw = merged.as_deref().unwrap_or(given);
     let parsed = dsn::parse(raw).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -173,4 +185,57 @@ fn update_transport(
             undefined("transport", name, Some("Register it with email.add_transport(name, dsn)."));
         }
     });
+}
+
+const TRANSPORT_SECRET: &str = include_str!("../../sql/api/transport_secret.sql");
+
+/// Checks a transport without waiting for real mail: its stored DSN, what it needs on this
+/// machine, and a connection (SMTP: greeting and EHLO; HTTP APIs: TCP), with timeouts of at most
+/// 10 s; with `recipient`, also queues a test message through it (sent after commit). One row
+/// per step; the details never contain a secret.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn test_transport(
+    name: Option<&str>,
+    recipient: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(step, String), name!(ok, bool), name!(detail, String))> {
+    let name = checked_name(name);
+    let raw = Spi::get_one_with_args::<String>(TRANSPORT_SECRET, &[name.into()])
+        .unwrap_or_else(|e| match e {
+            pgrx::spi::SpiError::InvalidPosition => None,
+            e => spi_failed(e),
+        })
+        .unwrap_or_else(|| undefined("transport", name, Some("Register it with email.add_transport(name, dsn).")));
+    let mut rows = Vec::new();
+    let parsed = match dsn::parse(&raw) {
+        Ok(d) => {
+            rows.push(("dsn".to_string(), true, d.masked()));
+            d
+        }
+        Err(e) => {
+            rows.push(("dsn".to_string(), false, e.to_string()));
+            return TableIterator::new(rows);
+        }
+    };
+    let scrub = |t: String| dsn::scrub(&t, &parsed.secrets());
+    match crate::deliver::Transport::check(&parsed) {
+        Ok(()) => rows.push(("local".into(), true, "everything this machine provides is in place".into())),
+        Err(e) => {
+            rows.push(("local".into(), false, scrub(e.to_string())));
+            return TableIterator::new(rows);
+        }
+    }
+    let connected = crate::deliver::probe::connect(&parsed);
+    let ok = connected.is_ok();
+    rows.push(("connect".into(), ok, scrub(connected.unwrap_or_else(|e| e))));
+    if let (Some(to), true) = (recipient, ok) {
+        let id = Spi::get_one_with_args::<i64>(
+            include_str!("../../sql/api/send_test_message.sql"),
+            &[to.into(), format!("pg_email test of transport {}", show(name)).into(), name.into()],
+        )
+        .unwrap_or_else(|e| spi_failed(e))
+        .unwrap_or_default();
+        rows.push(("send".into(), true, format!("queued as message {id}; it is sent when this transaction commits")));
+    }
+    TableIterator::new(rows)
 }

@@ -187,6 +187,40 @@ fn decode(s: &str, what: &str) -> Result<String, DsnError> {
         .or_else(|_| err(format!("the {what} is not valid percent-encoded UTF-8")))
 }
 
+/// Puts `secret` into the part of `input` that holds the secret (an SMTP or SES password, a
+/// provider's API key), for `add_transport(..., secret => ...)`: the secret can then travel as a
+/// bind parameter, never in a statement's text. The DSN must leave that part empty.
+pub fn with_secret(input: &str, secret: &str) -> Result<String, DsnError> {
+    if secret.is_empty() || secret.contains(['\r', '\n', '\0']) {
+        return err("the secret is empty or contains a line break or NUL character");
+    }
+    let mut url = url::Url::parse(input.trim())
+        .or_else(|e| err(format!("the DSN is not a URL of the form scheme://[user@]host[:port][?options] ({e})")))?;
+    let in_user = match url.scheme() {
+        "smtp" | "smtps" => false,
+        "file" | "capture" => return err(format!("a {} DSN has no secret", url.scheme())),
+        scheme => match providers::by_scheme(scheme) {
+            Some(p) => matches!(p.secret_in(), SecretIn::User),
+            None => return err(format!("unknown DSN scheme \"{scheme}\"")),
+        },
+    };
+    let taken = if in_user { !url.username().is_empty() } else { url.password().is_some() };
+    if taken {
+        return err("give the secret either in the DSN or as secret =>, not both");
+    }
+    if !in_user && url.username().is_empty() {
+        return err("a DSN whose secret is a password needs the user name before the @, as in smtp://user@host:587");
+    }
+    let set = if in_user { url.set_username(secret) } else { url.set_password(Some(secret)) };
+    set.or_else(|_| err("the secret cannot be put into this DSN"))?;
+    Ok(url.to_string())
+}
+
+/// The timeout of a DSN that gives none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The connections per worker of a DSN that gives none.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
 /// Parses and validates a DSN: the common part here, then the part that depends on its kind.
 pub fn parse(input: &str) -> Result<Dsn, DsnError> {
     if input.trim().is_empty() {
@@ -216,8 +250,8 @@ pub fn parse(input: &str) -> Result<Dsn, DsnError> {
         path: None,
         verify: true,
         ca: None,
-        timeout: Duration::from_secs(30),
-        max_connections: 4,
+        timeout: DEFAULT_TIMEOUT,
+        max_connections: DEFAULT_MAX_CONNECTIONS,
         rate: None,
         from: None,
         http_scheme: "https".into(),
@@ -420,6 +454,15 @@ impl Dsn {
                 q.push(format!("{k}={v}"));
             }
         }
+        // Every setting that differs from its default is shown, so the public table tells how a
+        // transport behaves without anyone reading the secrets table.
+        if self.timeout != DEFAULT_TIMEOUT {
+            let ms = self.timeout.as_millis();
+            q.push(if ms.is_multiple_of(1000) { format!("timeout={}s", ms / 1000) } else { format!("timeout={ms}ms") });
+        }
+        if self.max_connections != DEFAULT_MAX_CONNECTIONS {
+            q.push(format!("max_connections={}", self.max_connections));
+        }
         if let Some(r) = &self.rate {
             let unit = match r.per.as_secs() {
                 1 => "s",
@@ -544,6 +587,40 @@ mod tests {
         }
         let d = parse("smtp://u:topsecret@h:25").unwrap();
         assert_eq!(scrub("auth failed for topsecret", &d.secrets()), "auth failed for ***");
+    }
+
+    #[test]
+    fn the_masked_dsn_shows_every_setting_that_is_not_the_default() {
+        let d =
+            parse("resend+api://topsecret@127.0.0.1:8025?scheme=http&timeout=5s&rate=50/s&max_connections=8").unwrap();
+        assert_eq!(d.masked(), "resend+api://***@127.0.0.1:8025?scheme=http&timeout=5s&max_connections=8&rate=50/s");
+        assert_eq!(parse("smtp://h:25?timeout=500ms").unwrap().masked(), "smtp://h:25?timeout=500ms");
+        assert_eq!(parse("smtp://h:25?timeout=30s&max_connections=4").unwrap().masked(), "smtp://h:25");
+    }
+
+    #[test]
+    fn a_separate_secret_goes_where_the_dsn_keeps_it() {
+        let smtp = with_secret("smtp://user@mail.example.org:587", "p@ss:w/rd").unwrap();
+        assert_eq!(parse(&smtp).unwrap().password.as_deref(), Some("p@ss:w/rd"));
+        let sg = with_secret("sendgrid+api://default", "SG.key").unwrap();
+        assert_eq!(parse(&sg).unwrap().masked(), "sendgrid+api://***@default");
+        assert_eq!(parse(&sg).unwrap().user.as_deref(), Some("SG.key"));
+        let mg = with_secret("mailgun+api://:mg.example.org@default?region=eu", "key-1").unwrap();
+        assert_eq!(parse(&mg).unwrap().masked(), "mailgun+api://***:mg.example.org@default?region=eu");
+        let ses = with_secret("ses+api://AKIA@default?region=eu-west-1", "sec/ret").unwrap();
+        assert_eq!(parse(&ses).unwrap().password.as_deref(), Some("sec/ret"));
+        for (dsn, want) in [
+            ("smtp://user:old@h:587", "not both"),
+            ("sendgrid+api://SG.old@default", "not both"),
+            ("smtp://h:587", "needs the user name"),
+            ("file:///tmp", "has no secret"),
+            ("gopher://x", "unknown DSN scheme"),
+        ] {
+            let e = with_secret(dsn, "topsecret").unwrap_err().0;
+            assert!(e.contains(want), "{dsn}: {e}");
+            assert!(!e.contains("topsecret"), "{dsn}: {e}");
+        }
+        assert!(with_secret("smtp://u@h:587", "a\nb").is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod dsn;
 pub mod file;
 pub mod http;
 pub mod outcome;
+pub mod probe;
 pub mod providers;
 pub mod rate;
 pub mod smtp;

@@ -42,6 +42,20 @@ enum Step {
     Broken(Delivery),
 }
 
+/// Removes a prefix that an error chain repeats ("Connection error: Connection error: x" from
+/// lettre wrapping an I/O error that already says so) so a receipt reads once.
+fn collapse_repeats(text: &str) -> String {
+    let mut out = text.to_string();
+    while let Some((head, rest)) = out.split_once(": ") {
+        let prefix = format!("{head}: ");
+        match rest.strip_prefix(&prefix) {
+            Some(tail) => out = format!("{prefix}{tail}"),
+            None => break,
+        }
+    }
+    out
+}
+
 /// The largest `ca=` file read: a bundle of a few hundred certificates.
 const MAX_CA_BYTES: u64 = 1 << 20;
 
@@ -98,7 +112,7 @@ impl Smtp {
 
     fn reply_of(&self, e: &SmtpError) -> Reply {
         let code = e.status().map(u16::from);
-        let mut text = e.to_string();
+        let mut text = collapse_repeats(&e.to_string());
         // "permanent error (550): 5.1.1 ..." -> "5.1.1 ..."
         if code.is_some() {
             if let Some(at) = text.find("): ") {
@@ -306,5 +320,19 @@ fn has_deferral(d: &Delivery) -> bool {
         Delivery::Transient { .. } => true,
         Delivery::Accepted { deferred, .. } => !deferred.is_empty(),
         Delivery::Permanent { .. } => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_error_prefixes_are_said_once() {
+        assert_eq!(
+            collapse_repeats("Connection error: Connection error: invalid peer certificate: UnknownIssuer"),
+            "Connection error: invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(collapse_repeats("a: b: c"), "a: b: c");
     }
 }

@@ -298,3 +298,112 @@ def test_templated_mail_shows_what_was_rendered_and_the_readme_trigger_works(mai
     parts = {p.get_content_type(): p.get_payload(decode=True).decode() for p in pyemail.message_from_bytes(raw).walk() if not p.is_multipart()}
     assert set(parts) == {"text/plain", "text/html"}
     assert "Everything half price." in parts["text/plain"].replace("*", "")
+
+
+def test_template_mistakes_are_refused_when_saved(api):
+    """Step 28: an unknown filter and a missing extends target were saved fine and failed only
+    when mail was rendered."""
+    code, msg = api.error("INSERT INTO email.templates (name, subject, body) VALUES ('f', 'Hi', E'Hello\\n{{ name | nosuchfilter }}')")
+    assert code == "42601" and 'template "f", body part, line 2, column 11: unknown filter "nosuchfilter"' in msg
+    code, msg = api.error("INSERT INTO email.templates (name, subject, body) VALUES ('t', '{% if x is shiny %}{% endif %}', 'b')")
+    assert code == "42601" and 'unknown test "shiny"' in msg
+    code, msg = api.error("""INSERT INTO email.templates (name, subject, body) VALUES ('child', 'Hi', '{% extends "nolayout" %}')""")
+    assert code == "42704" and 'template "child" uses template "nolayout", which does not exist' in msg
+    assert api.val("SELECT count(*) FROM email.templates") == 0
+    # Within one transaction the order does not matter: the check runs at commit.
+    conn = connect("api", autocommit=False)
+    with conn.cursor() as cur:
+        cur.execute("""INSERT INTO email.templates (name, subject, body) VALUES ('child', 'Hi', '{% extends "base" %}{% block b %}child{% endblock %}')""")
+        cur.execute("""INSERT INTO email.templates (name, subject, body) VALUES ('base', 'Hi', '[{% block b %}{% endblock %}]')""")
+    conn.commit()
+    conn.close()
+    assert api.one("SELECT body FROM email.render('child')") == ("[child]",)
+
+
+def test_test_transport_says_what_works_without_real_mail(mail):
+    """Step 12 and friction 10: the only way to validate a DSN was to queue real mail and read
+    receipts. email.test_transport checks the DSN, the machine, a connection, and can queue a
+    test message."""
+    from servers import SmtpSink
+    with SmtpSink(26995, os.path.join(E2E_DIR, f"sink-test-{uuid.uuid4().hex[:6]}")) as sink:
+        mail.all("SELECT email.add_transport('probe_ok', 'smtp://127.0.0.1:26995?tls=none&timeout=5s')")
+        rows = mail.all("SELECT step, ok, detail FROM email.test_transport('probe_ok', 'probe@x.test')")
+        assert [(r[0], r[1]) for r in rows] == [("dsn", True), ("local", True), ("connect", True), ("send", True)]
+        assert rows[0][2] == "smtp://127.0.0.1:26995?tls=none&timeout=5s"
+        assert rows[2][2].startswith("127.0.0.1:26995 greeted with: 220")
+        mid = int(rows[3][2].split()[3].rstrip(";"))
+        assert mail.val("SELECT subject FROM email.messages WHERE id = %s", mid) == 'pg_email test of transport "probe_ok"'
+        wait_status(mail, mid, "sent")
+        assert sink.message_ids()
+    mail.all("SELECT email.add_transport('probe_down', 'smtp://user:S3cretPw@127.0.0.1:26996?tls=none&timeout=2s')")
+    rows = mail.all("SELECT step, ok, detail FROM email.test_transport('probe_down', 'probe@x.test')")
+    assert [(r[0], r[1]) for r in rows] == [("dsn", True), ("local", True), ("connect", False)]
+    assert rows[0][2] == "smtp://user:***@127.0.0.1:26996?tls=none&timeout=2s"
+    assert rows[2][2].startswith("cannot connect to 127.0.0.1:26996")
+    assert not any("S3cretPw" in r[2] for r in rows)
+    code, msg = mail.error("SELECT * FROM email.test_transport('nope')")
+    assert code == "42704"
+
+
+def test_a_secret_passed_as_a_parameter_never_reaches_the_server_log(api):
+    """Step 60: a mistyped argument name (PostgreSQL refuses the call before add_transport runs)
+    wrote the whole DSN, password included, into the server log's STATEMENT line. With the
+    secret as its own argument, bound as a parameter (psycopg 3 binds server-side), the log
+    shows $n where the secret was."""
+    import psycopg
+    from conftest import PORT
+    first, typo = f"Pw-{uuid.uuid4().hex}", f"Pw-{uuid.uuid4().hex}"
+    with psycopg.connect(host="127.0.0.1", port=PORT, dbname="api", user="postgres", autocommit=True) as c:
+        c.execute("SELECT email.add_transport('sec', 'smtp://user@127.0.0.1:2525?tls=none', secret => %s)", [first])
+        try:
+            c.execute("SELECT email.add_transport('sec', 'smtp://user@127.0.0.1:2525?tls=none', is_defualt => true, secret => %s)", [typo])
+            raise AssertionError("a misspelt argument name was accepted")
+        except psycopg.errors.UndefinedFunction:
+            pass
+    log = server_log()
+    assert "is_defualt => true, secret => $1" in log
+    assert first not in log and typo not in log
+    assert api.val("SELECT dsn FROM email.transport_secrets WHERE name = 'sec'") == f"smtp://user:{first}@127.0.0.1:2525?tls=none"
+    assert api.val("SELECT dsn FROM email.transports WHERE name = 'sec'") == "smtp://user:***@127.0.0.1:2525?tls=none"
+    code, msg = api.error("SELECT email.add_transport('sec2', 'smtp://user:inline@127.0.0.1:2525', secret => 'other')")
+    assert code == "22023" and "not both" in msg and "other" not in msg
+
+
+def test_drop_extension_refuses_while_mail_is_queued(cluster):
+    """Step 64: DROP EXTENSION deleted 4 queued messages without a word."""
+    admin = Db(connect("postgres"))
+    admin.all("DROP DATABASE IF EXISTS dropguard")
+    admin.all("CREATE DATABASE dropguard")
+    db = Db(connect("dropguard"))
+    try:
+        db.all("CREATE EXTENSION pg_email")
+        db.all("SELECT email.add_transport('cap', 'capture://', is_default => true)")
+        db.all("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b', sender => 'me@x.org')")
+        code, msg = db.error("DROP EXTENSION pg_email")
+        assert code == "2BP01" and "pg_email still has 1 messages queued or being sent" in msg
+        db.all("SET pg_email.drop_with_queued_mail = on")
+        db.all("DROP EXTENSION pg_email")
+        db.all("RESET pg_email.drop_with_queued_mail")
+        db.all("CREATE EXTENSION pg_email")
+        db.all("DROP EXTENSION pg_email")  # nothing queued: no question asked
+        assert db.val("SELECT count(*) FROM pg_extension WHERE extname = 'pg_email'") == 0
+    finally:
+        db.conn.close()
+        admin.all("DROP DATABASE IF EXISTS dropguard")
+        admin.conn.close()
+
+
+def test_error_texts_say_what_is_wrong(api):
+    """Steps 11, 15 and 16: "invalid recipients: is required", a semicolon reported as white
+    space, a trailing comma reported as an empty address."""
+    cases = [
+        ("recipients => NULL", "recipients is required (it is NULL or missing)"),
+        ("recipients => 'a@x.org; b@x.org'", 'invalid recipients: "a@x.org; b@x.org" is not a valid address: addresses are separated by commas, not semicolons'),
+        ("recipients => 'a@x.org,'", 'is not a valid address: an empty entry (a trailing or doubled comma?)'),
+        ("recipients => 'a@x.org b@y.org'", 'is not a valid address: two addresses without a comma between them?'),
+    ]
+    for args, want in cases:
+        code, msg = api.error(f"SELECT email.send({args}, subject => 's', body => 'b')")
+        assert code == "22023" and want in msg, (args, msg)
+    code, msg = api.error("SELECT email.add_transport('x', NULL)")
+    assert code == "22023" and "dsn is required (it is NULL or missing)" in msg

@@ -97,12 +97,21 @@ def databases(cluster):
     admin.conn.close()
 
 
+def transport(db, name, masked, dsn, is_default=False, fallback=None):
+    """A transport as 0.1.0's add_transport stored it (this library's add_transport takes
+    arguments 0.1.0's SQL definition does not pass)."""
+    kind = dsn.split(":")[0].replace("+api", "")
+    db.all("INSERT INTO email.transports (name, kind, dsn, is_default, fallback) VALUES (%s, %s, %s, %s, %s)",
+           name, kind, masked, is_default, fallback)
+    db.all("INSERT INTO email.transport_secrets (name, dsn) VALUES (%s, %s)", name, dsn)
+
+
 def fill(db):
-    """Data of every kind a 0.1.0 database holds, written as 0.1.0 stored it. Messages are
-    inserted directly: this library's email.send refuses to run on a 0.1.0 schema."""
-    db.all("SELECT email.add_transport('cap', 'capture://', is_default => true)")
-    db.all("SELECT email.add_transport('spare', 'capture://')")
-    db.all("SELECT email.add_transport('smtp', 'smtp://user:hunter22@mail.example.org:587', fallback => 'spare')")
+    """Data of every kind a 0.1.0 database holds, written as 0.1.0 stored it. Transports and
+    messages are inserted directly: this library's email.send refuses to run on a 0.1.0 schema."""
+    transport(db, "cap", "capture://", "capture://", is_default=True)
+    transport(db, "spare", "capture://", "capture://")
+    transport(db, "smtp", "smtp://user:***@mail.example.org:587", "smtp://user:hunter22@mail.example.org:587", fallback="spare")
     db.all("INSERT INTO email.templates (name, subject, body) VALUES ('welcome', 'Hi {{ name }}', 'v1 {{ name }}')")
     db.all("UPDATE email.templates SET body = 'v2 {{ name }}' WHERE name = 'welcome'")
     db.all("INSERT INTO email.suppressions (address, reason) VALUES ('gone@x.org', 'bounced')")
@@ -195,7 +204,7 @@ def test_the_worker_waits_for_the_update_then_delivers_what_was_queued(cluster):
         conn.autocommit = True
         db = Db(conn)
         db.all(f"CREATE EXTENSION pg_email VERSION '{OLD}'")
-        db.all("SELECT email.add_transport('cap', 'capture://', is_default => true)")
+        transport(db, "cap", "capture://", "capture://", is_default=True)
         # This library refuses to queue on the old schema, saying what to do.
         code, msg = db.error("SELECT email.send(recipients => 'a@x.org', subject => 'waiting', body => 'b', sender => 'me@x.org')")
         assert code == "55000" and "this database has pg_email 0.1.0" in msg
