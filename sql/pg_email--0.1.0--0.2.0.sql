@@ -17,19 +17,6 @@ WHERE fallback IS NOT NULL AND NOT EXISTS (SELECT 1 FROM email.transports f WHER
 ALTER TABLE email.transports ADD CONSTRAINT transports_fallback_fkey FOREIGN KEY (fallback)
     REFERENCES email.transports (name) ON DELETE SET NULL ON UPDATE CASCADE;
 
--- What email.send always guaranteed, now also guaranteed by the table.
-ALTER TABLE email.messages
-    ADD CONSTRAINT messages_content CHECK (template IS NOT NULL OR body IS NOT NULL OR html IS NOT NULL),
-    ADD CONSTRAINT messages_subject CHECK (template IS NOT NULL OR subject IS NOT NULL),
-    ADD CONSTRAINT messages_template_pinned CHECK ((template IS NULL) = (template_version IS NULL)),
-    ADD CONSTRAINT messages_json_objects CHECK (
-        (data IS NULL OR jsonb_typeof(data) = 'object')
-        AND (headers IS NULL OR jsonb_typeof(headers) = 'object')
-        AND (metadata IS NULL OR jsonb_typeof(metadata) = 'object')),
-    ADD CONSTRAINT messages_counts CHECK (attempts >= 0 AND attachment_count >= 0),
-    ADD CONSTRAINT messages_idempotency_key_length CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 256),
-    ADD CONSTRAINT messages_leased CHECK (status <> 'sending' OR lease_until IS NOT NULL);
-
 -- A provider's own error code gets its own column; enhanced_code is RFC 3463 only. Receipts
 -- written by 0.1.0 held provider codes (Postmark "406", Resend "validation_error", SES
 -- "MessageRejected") in enhanced_code: move them.
