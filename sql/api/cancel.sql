@@ -1,12 +1,11 @@
--- Cancels message $1 if it is still queued and role $2 may act on it (it queued the message,
--- or it is a member of the extension owner's role), with a 'cancelled' receipt.
+-- Cancels message $1 if it is still queued and role $2 may act on it (email._may_act), with a
+-- 'cancelled' receipt.
 -- Returns the id when it was cancelled, no row otherwise.
 WITH cancelled AS (
     UPDATE email.messages m
     SET status = 'cancelled', updated_at = now()
     WHERE m.id = $1 AND m.status = 'queued'
-      AND (m.created_by = $2
-           OR pg_has_role($2, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER'))
+      AND email._may_act(m.created_by, $2)
     RETURNING m.id, m.transport
 )
 INSERT INTO email.receipts (message_id, event, transport, response)

@@ -5,6 +5,5 @@ FROM email.messages m
 WHERE m.status = ANY ($1::email.status[])
   AND ($2::text IS NULL OR m.transport = $2)
   AND ($3::timestamptz IS NULL OR m.updated_at >= $3)
-  AND (m.created_by = $4
-       OR pg_has_role($4, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER'))
+  AND email._may_act(m.created_by, $4)
 ORDER BY m.id

@@ -224,16 +224,12 @@ impl Rows {
     }
 
     /// Runs the record statements; an error (a user trigger's, say) is raised.
-    fn write(&self) {
+    fn write(self) {
         Spi::connect_mut(|client| {
-            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(self.updates.clone()).into()]));
-            spi(client.update(
-                RECORD_RECEIPTS,
-                None,
-                &[JsonB(self.receipts.clone()).into(), JsonB(self.suppress.clone()).into()],
-            ));
-            if let Some(c) = &self.captured {
-                spi(client.update(RECORD_CAPTURED, None, &[JsonB(c.clone()).into()]));
+            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(self.updates).into()]));
+            spi(client.update(RECORD_RECEIPTS, None, &[JsonB(self.receipts).into(), JsonB(self.suppress).into()]));
+            if let Some(c) = self.captured {
+                spi(client.update(RECORD_CAPTURED, None, &[JsonB(c).into()]));
             }
         })
     }
