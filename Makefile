@@ -14,7 +14,7 @@ export PROPTEST_RNG_SEED
 
 DEB_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config sudo \
 	postfix python3-aiosmtpd python3-dkim python3-psycopg python3-psycopg2 python3-pytest python3-botocore swaks \
-	ca-certificates openssl libssl-dev
+	ca-certificates openssl libssl-dev python3-pip python3-cryptography curl
 
 .PHONY: deps build install test lint pgtest e2e demo bench clean-e2e
 
@@ -25,6 +25,7 @@ deps: .deps-stamp
 		echo "installing Debian packages:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@$(PYTHON) -c 'import standardwebhooks' 2>/dev/null || $(PYTHON) -m pip install -q --break-system-packages standardwebhooks==1.1.0
 	@# Debian starts a default cluster and a system postfix; pg_email's tests run their own.
 	@if ! cargo pgrx --version 2>/dev/null | grep -q "$(PGRX_VERSION)"; then \
 		cargo install cargo-pgrx --version $(PGRX_VERSION) --locked; \

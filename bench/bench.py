@@ -1,12 +1,18 @@
 """make bench: pg_email's figures next to same-run baselines.
 
-Starts its own cluster (2 workers), smtp-sink, an nginx responder and a latency sink, runs each
-benchmark, prints one Markdown table and writes the figures as JSON under bench/results/.
-Every comparison measures both sides in the same run, interleaved, and reports medians."""
+Starts its own cluster (2 workers and the HTTP listener), smtp-sink, an nginx responder and a
+latency sink, runs each benchmark, prints one Markdown table and writes the figures as JSON under
+bench/results/. Every comparison measures both sides in the same run, interleaved, and reports
+medians. `python3 bench/bench.py 9 10` (make bench BENCH_ONLY="9 10") runs only those rows."""
 import asyncio
+import base64
+import collections
+import email
+import email.policy
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -15,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 
 import psycopg2
 
@@ -25,10 +33,18 @@ from servers import AioSmtp  # noqa: E402
 PORT = int(os.environ.get("BENCH_PORT", "5496"))
 DIR = "/var/tmp/pg_email-bench"
 SINK_PORT, HTTP_PORT, LAT_PORT = 28025, 28080, 28026
+# The listener (open pixel, clicks, webhooks); HTTP_PORT and LISTEN_PORT move to a free port
+# when taken (main).
+LISTEN_PORT = int(os.environ.get("BENCH_LISTEN_PORT", str(PORT + 1)))
+LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
 REPS = int(os.environ.get("BENCH_REPS", "3"))
 BODY_1K = ("The quick brown fox jumps over the lazy dog. " * 23)[:1000]
 BODY_2K = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 36)[:2000]
 results = []
+# A transparent 1×1 GIF (what nginx serves until bench 9 replaces it with the listener's own bytes).
+PIXEL_GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+             b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 
 
 def log(*a):
@@ -73,8 +89,20 @@ def reset():
     sql("CHECKPOINT")
 
 
+def free_port(preferred):
+    """preferred when nothing listens on 127.0.0.1:preferred, else a port the kernel picks."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
 def start_cluster():
     subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "start", DIR, str(PORT), "bench",
+                    f"pg_email.listen_address = '127.0.0.1:{LISTEN_PORT}'",
                     "pg_email.workers = 2", "pg_email.max_in_flight = 256", "pg_email.batch_size = 500",
                     "pg_email.paused = on", "pg_email.default_sender = 'Bench <bench@example.org>'",
                     "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'",
@@ -184,8 +212,14 @@ def bench_smtp_drain():
 
 
 def start_nginx():
+    """A private nginx (its own prefix, config, pid, logs and temp paths under DIR/nginx) on
+    HTTP_PORT: the Resend API answer (bench 4), a static 1×1 GIF under /o/ (bench 9) and a 200 for
+    webhook posts (bench 10). Returns the command line that addresses this instance."""
     d = os.path.join(DIR, "nginx")
-    os.makedirs(d, exist_ok=True)
+    www = os.path.join(d, "www")
+    os.makedirs(www, exist_ok=True)
+    with open(os.path.join(www, "pixel.gif"), "wb") as f:
+        f.write(PIXEL_GIF)
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""worker_processes 1;
@@ -195,15 +229,22 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     client_body_buffer_size 64k;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
     keepalive_requests 1000000;
+    types {{ image/gif gif; }}
     server {{
         listen 127.0.0.1:{HTTP_PORT};
         location = /emails {{ default_type application/json; return 200 '{{"id":"4ef9a417-02e9-4d39-ad75-9611e0fcc33c"}}'; }}
+        location /o/ {{ root {www}; try_files /pixel.gif =404; add_header Cache-Control no-store; }}
+        location /webhooks/ {{ default_type text/plain; return 200 'ok'; }}
     }}
 }}
 """)
-    subprocess.run(["nginx", "-c", conf], check=True)
-    return conf
+    cmd = ["nginx", "-p", d + "/", "-e", os.path.join(d, "error.log"), "-c", conf]
+    subprocess.run(cmd, check=True)
+    return cmd
 
 
 def bench_http_drain():
@@ -342,11 +383,237 @@ def bench_templates():
            None, None, "report", None)
 
 
+def wait_listener(timeout=120):
+    """Waits until the listener answers GET /health with 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{LISTEN_URL}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the listener at {LISTEN_URL} does not answer /health after {timeout} s")
+        time.sleep(0.2)
+
+
+def run_wrk(url, seconds=10, conns=32, threads=2, headers=()):
+    """wrk against url; its request count, rate, latency p99 and errors."""
+    cmd = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
+
+    def find(pattern):
+        m = re.search(pattern, out)
+        return m.groups() if m else None
+
+    p99 = find(r"\n\s*99%\s+([\d.]+)(us|ms|s)\b")
+    errors = find(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+    return {
+        "requests": int(find(r"(\d+) requests in")[0]),
+        "rps": float(find(r"Requests/sec:\s+([\d.]+)")[0]),
+        "non2xx": int((find(r"Non-2xx or 3xx responses: (\d+)") or ("0",))[0]),
+        "errors": sum(int(e) for e in errors) if errors else 0,
+        "p99_ms": float(p99[0]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99[1]] if p99 else None,
+        "output": out,
+    }
+
+
+def tracked_pixel():
+    """Sends one tracked message through the capture transport; its id, the path of its open
+    pixel on the listener, and the pixel's bytes."""
+    html = '<html><body><p>Hello, <a href="https://example.org/welcome?a=1&amp;b=2">welcome</a>.</p></body></html>'
+    mid = val("SELECT email.send(recipients => 'reader@example.org', subject => 'Pixel', body => 'Hello', html => %s, "
+              "transport => 'cap', track_opens => true, track_clicks => true)", html)
+    drain(1)
+    wait_idle()
+    raw = bytes(val("SELECT raw FROM email.captured WHERE message_id = %s", mid))
+    part = email.message_from_bytes(raw, policy=email.policy.default).get_body(("html",)).get_content()
+    m = re.search(r'<img[^>]*\ssrc="' + re.escape(LISTEN_URL) + r'(/o/[^"]+)"', part)
+    assert m, f"no open pixel pointing at {LISTEN_URL} in the tracked message: {part}"
+    with urllib.request.urlopen(LISTEN_URL + m.group(1), timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "image/gif", (r.status, r.headers)
+        gif = r.read()
+    return mid, m.group(1), gif
+
+
+def opens_stored(mid):
+    return val("SELECT count(*) FROM email.receipts WHERE message_id = %s AND event = 'opened'", mid)
+
+
+def wait_opens_stored(mid, before, answered, timeout=300):
+    """Waits until at least `answered` new opens of mid are stored and the count has stopped
+    moving for a second; returns how many were stored."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while True:
+        n = opens_stored(mid) - before
+        if n != last:
+            last, since = n, time.monotonic()
+        if n >= answered and time.monotonic() - since >= 1.0:
+            return n
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{n} of the {answered} open-pixel hits wrk saw answered are stored after {timeout} s")
+        time.sleep(0.2)
+
+
+def bench_pixel():
+    log("9. open-pixel hits/s, wrk 32 connections, every hit stored; baseline nginx serving a static 1x1 GIF")
+    conns = 32
+    wait_listener()
+    reset()
+    mid, path, gif = tracked_pixel()
+    with open(os.path.join(DIR, "nginx", "www", "pixel.gif"), "wb") as f:
+        f.write(gif)  # nginx serves the very bytes the listener does
+    ua = [f"User-Agent: {BROWSER}"]
+    ours, base, p99s, base_p99s, stored_total = [], [], [], [], 0
+    for _ in range(REPS):
+        before = opens_stored(mid)
+        w = run_wrk(LISTEN_URL + path, conns=conns, headers=ua)
+        assert w["non2xx"] == 0, f"the listener answered {w['non2xx']} pixel hits with an error:\n{w['output']}"
+        # wrk stops with up to one request per connection sent and not yet read: the listener may
+        # have answered and stored those too, so up to `conns` (+ socket errors) more than wrk counted.
+        stored = wait_opens_stored(mid, before, w["requests"])
+        assert w["requests"] <= stored <= w["requests"] + conns + w["errors"], \
+            f"wrk saw {w['requests']} hits answered, {stored} were stored:\n{w['output']}"
+        stored_total += stored
+        ours.append(w["rps"])
+        p99s.append(w["p99_ms"])
+        n = run_wrk(f"http://127.0.0.1:{HTTP_PORT}{path}", conns=conns, headers=ua)
+        assert n["non2xx"] == 0, n["output"]
+        base.append(n["rps"])
+        base_p99s.append(n["p99_ms"])
+    o, b = statistics.median(ours), statistics.median(base)
+    record(9, f"open-pixel hits/s recorded, wrk -c{conns} GET /o/<token> of a tracked message (every hit stored)",
+           round(o), "hits/s", round(b), round(o / b, 2), "≥ 10,000 hits/s", o >= 10000,
+           {"p99_ms": statistics.median(p99s), "baseline_p99_ms": statistics.median(base_p99s), "hits_stored": stored_total})
+
+
+def sendgrid_signer():
+    """A fresh ECDSA P-256 key: sign(timestamp + body) as SendGrid's signed event webhook does,
+    and the public key as the DSN option webhook_key wants it (base64 SPKI)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return (lambda data: key.sign(data, ec.ECDSA(hashes.SHA256()))), base64.b64encode(spki).decode()
+
+
+def sendgrid_request(sign, path, events, ts):
+    """One signed SendGrid event webhook POST, as bytes on the wire."""
+    body = json.dumps(events, separators=(",", ":")).encode()
+    sig = base64.b64encode(sign(str(ts).encode() + body)).decode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: SendGrid Event API\r\n"
+            "Content-Type: application/json\r\n"
+            f"X-Twilio-Email-Event-Webhook-Signature: {sig}\r\nX-Twilio-Email-Event-Webhook-Timestamp: {ts}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def _post_all(port, requests, conns):
+    todo = iter(requests)
+    latencies, statuses = [], collections.Counter()
+
+    async def connection():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for req in todo:
+                t = time.perf_counter()
+                writer.write(req)
+                await writer.drain()
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v)
+                if length:
+                    await reader.readexactly(length)
+                latencies.append((time.perf_counter() - t) * 1000)
+                statuses[int(head.split(b" ", 2)[1])] += 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(min(conns, len(requests)))))
+    return time.perf_counter() - t0, latencies, statuses
+
+
+def post_all(port, requests, conns):
+    """Posts every prepared request over `conns` keep-alive connections (each takes the next one
+    as soon as its previous answer is in); returns (seconds, latencies in ms, Counter of statuses).
+    The same client measures the baseline: one Python process, so it caps both figures alike."""
+    return asyncio.run(_post_all(port, requests, conns))
+
+
+def p99(xs):
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(len(s) * 0.99))]
+
+
+def bench_webhooks():
+    batches = int(os.environ.get("BENCH_WEBHOOK_BATCHES", "1000"))
+    per, conns = 100, 16
+    n = batches * per
+    log(f"10. webhook events ingested/s: {batches} signed SendGrid batches of {per} delivered events, {conns} connections")
+    wait_listener()
+    reset()
+    sign, public_key = sendgrid_signer()
+    sql("SELECT email.add_transport('sg', %s)",
+        f"sendgrid+api://SG.bench@default?webhook_key={urllib.parse.quote(public_key, safe='')}")
+    enqueue(n, "sink", body="Hello")
+    sql("UPDATE email.messages SET status = 'sent', sent_at = now(), attempts = 1")
+    ids = [r[0] for r in sql("SELECT id FROM email.messages ORDER BY id")]
+    assert len(ids) == n
+    ts = int(time.time())
+    path = "/webhooks/sg"
+    reqs = [sendgrid_request(sign, path, [
+        {"email": f"user{mid}@example.org", "timestamp": ts, "smtp-id": f"<bench-{mid}@example.org>", "event": "delivered",
+         "category": ["bench"], "sg_event_id": f"bench-delivered-{mid}", "sg_message_id": f"bench{mid}.filter0001.1.0",
+         "response": "250 2.0.0 OK: queued", "tls": 1, "pg_email_id": str(mid)}
+        for mid in ids[i:i + per]], ts) for i in range(0, n, per)]
+    # the listener reads the new transport's webhook key: an empty signed batch answers 200
+    probe = [sendgrid_request(sign, path, [], ts)]
+    deadline = time.monotonic() + 60
+    while post_all(LISTEN_PORT, probe, 1)[2][200] != 1:
+        assert time.monotonic() < deadline, "the listener does not take the sg transport's webhooks"
+        time.sleep(0.2)
+    ours, base, our_p99, base_p99 = [], [], [], []
+    for _ in range(REPS):
+        sql("TRUNCATE email.receipts, email.unmatched_events")
+        sql("UPDATE email.messages SET status = 'sent' WHERE status <> 'sent'")
+        sql("VACUUM ANALYZE email.messages, email.receipts")
+        secs, lat, statuses = post_all(LISTEN_PORT, reqs, conns)
+        assert statuses == {200: batches}, f"the listener answered {dict(statuses)}"
+        # answered 200 only after the commit: everything is there now
+        stored = val("SELECT count(*) FROM email.receipts WHERE transport = 'sg' AND event = 'delivered' AND source = 'webhook'")
+        delivered = val("SELECT count(*) FROM email.messages WHERE status = 'delivered'")
+        assert stored == n and delivered == n, f"{n} events answered 200; {stored} receipts stored, {delivered} messages delivered"
+        ours.append(n / secs)
+        our_p99.append(p99(lat))
+        secs, lat, statuses = post_all(HTTP_PORT, reqs, conns)
+        assert statuses == {200: batches}, f"nginx answered {dict(statuses)}"
+        base.append(n / secs)
+        base_p99.append(p99(lat))
+    o, b = statistics.median(ours), statistics.median(base)
+    p, bp = statistics.median(our_p99), statistics.median(base_p99)
+    record(10, f"webhook events ingested/s, signed SendGrid batches of {per} delivered events ({conns} connections, Python client)",
+           round(o), "events/s", round(b), round(o / b, 2), "≥ 20,000 events/s", o >= 20000,
+           {"p99_ms": round(p, 2), "baseline_p99_ms": round(bp, 2), "events": n, "batch": per, "connections": conns})
+    results[-1]["value_text"] = f"{round(o):,} events/s, p99 {p:.1f} ms per batch (nginx p99 {bp:.1f} ms)"
+
+
 def main():
-    global DB
+    global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL
     os.makedirs(DIR, exist_ok=True)
+    HTTP_PORT = free_port(HTTP_PORT)
+    LISTEN_PORT = free_port(LISTEN_PORT)
+    LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
     start_cluster()
-    nginx_conf = None
+    nginx = None
     sink = None
     try:
         DB = connect()
@@ -355,20 +622,21 @@ def main():
         sql("CREATE TABLE bench.plain (LIKE email.messages INCLUDING DEFAULTS INCLUDING INDEXES INCLUDING IDENTITY)")
         sink = subprocess.Popen(["/usr/sbin/smtp-sink", "-u", "postfix", f"127.0.0.1:{SINK_PORT}", "4096"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        nginx_conf = start_nginx()
+        nginx = start_nginx()
         sql(f"SELECT email.add_transport('sink', 'smtp://127.0.0.1:{SINK_PORT}?tls=none&max_connections=8')")
         sql(f"SELECT email.add_transport('http', 'resend+api://k@127.0.0.1:{HTTP_PORT}?scheme=http&max_connections=32')")
         sql(f"SELECT email.add_transport('lat', 'smtp://127.0.0.1:{LAT_PORT}?tls=none')")
+        sql("SELECT email.add_transport('cap', 'capture://')")
         only = set(sys.argv[1:])
         for n, fn in enumerate([bench_enqueue, bench_bulk, bench_smtp_drain, bench_http_drain, bench_latency,
-                                bench_queue_size, bench_rss, bench_templates], 1):
+                                bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks], 1):
             if not only or str(n) in only:
                 fn()
     finally:
         if sink:
             sink.terminate()
-        if nginx_conf:
-            subprocess.run(["nginx", "-c", nginx_conf, "-s", "stop"], capture_output=True)
+        if nginx:
+            subprocess.run(nginx + ["-s", "stop"], capture_output=True)
         subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "stop", DIR])
     machine = f"{platform.node()}: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, {platform.platform()}"
     print(f"\npg_email bench — {time.strftime('%Y-%m-%d %H:%M')} — {machine}\n")

@@ -113,6 +113,8 @@ CREATE TRIGGER transports_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
     FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
 CREATE TRIGGER suppressions_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.suppressions
     FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+CREATE TRIGGER tracking_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.tracking_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
 
 -- Suppressions: an address is stored bare and lower-cased, whatever case it is given in; a
 -- whole domain is suppressed with '*@domain'.
@@ -160,6 +162,106 @@ CREATE FUNCTION email._may_act(created_by text, caller text) RETURNS boolean
 LANGUAGE sql STABLE
 RETURN created_by = caller
     OR pg_has_role(caller, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER');
+
+-- The bare, lower-cased address of a stored mailbox ('Ada <Ada@X.org>' -> 'ada@x.org').
+CREATE FUNCTION email._address(mailbox text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN lower(coalesce(substring(mailbox FROM '<([^<>]*)>\s*$'), btrim(mailbox)));
+
+-- Stores events heard back (provider webhooks, tracking hits, unsubscribes) and applies their
+-- effects, in the caller's transaction: the listener worker's batch and email.ingest_webhook.
+-- $1 is a jsonb array of webhook::Event / listener items (see src/listener/mod.rs). Each event
+-- is matched to its message by our id, then the provider's message id, then the Message-ID;
+-- the same provider event again is skipped; provider events that match no message, or of a
+-- type pg_email does not know, go to email.unmatched_events (tracking hits of a message that is
+-- gone are dropped). Returns the rows stored.
+CREATE FUNCTION email._record_events(events jsonb) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    stored bigint;
+    unmatched bigint;
+    hard bigint[];
+BEGIN
+    WITH ev AS (
+        SELECT e.*
+        FROM jsonb_to_recordset(events) AS e(
+            transport text, source text, event text, provider_event_id text, pg_email_id bigint,
+            provider_message_id text, rfc_message_id text, recipient text, bounce_type text,
+            smtp_code integer, enhanced_code text, provider_code text, response text, url text,
+            user_agent text, ip inet, machine boolean, at double precision, payload jsonb,
+            single boolean, reason text)
+    ), matched AS (
+        SELECT ev.*, coalesce(
+            (SELECT m.id FROM email.messages m WHERE m.id = ev.pg_email_id),
+            (SELECT m.id FROM email.messages m
+             WHERE ev.provider_message_id IS NOT NULL AND m.provider_message_id = ev.provider_message_id
+             ORDER BY m.id DESC LIMIT 1),
+            (SELECT m.id FROM email.messages m
+             WHERE ev.rfc_message_id IS NOT NULL AND m.message_id = ev.rfc_message_id
+             ORDER BY m.id DESC LIMIT 1)) AS mid
+        FROM ev
+    ), rows AS (
+        SELECT x.*, msg.sent_at,
+               CASE WHEN x.recipient IS NOT NULL THEN lower(x.recipient)
+                    WHEN x.single THEN email._address(coalesce(msg.recipients[1], msg.cc[1], msg.bcc[1]))
+               END AS rcpt
+        FROM matched x LEFT JOIN email.messages msg ON msg.id = x.mid
+    ), ins AS (
+        INSERT INTO email.receipts (message_id, at, event, transport, recipient, smtp_code, enhanced_code,
+                                    provider_code, response, provider_message_id, source, bounce_type, url,
+                                    user_agent, ip, machine, provider_event_id, payload)
+        SELECT r.mid, coalesce(to_timestamp(r.at), now()), r.event, r.transport, r.rcpt, r.smtp_code,
+               r.enhanced_code, r.provider_code, r.response, r.provider_message_id, r.source, r.bounce_type,
+               r.url, r.user_agent, r.ip,
+               CASE WHEN r.source = 'tracking' AND r.event IN ('opened', 'clicked') THEN
+                        coalesce(r.machine, false) OR r.sent_at IS NULL
+                        OR coalesce(to_timestamp(r.at), now()) < r.sent_at + interval '2 seconds'
+                    ELSE r.machine END,
+               r.provider_event_id, r.payload
+        FROM rows r
+        WHERE r.mid IS NOT NULL AND r.event <> 'unknown'
+        ON CONFLICT (transport, provider_event_id) WHERE provider_event_id IS NOT NULL DO NOTHING
+        RETURNING message_id, event, recipient, bounce_type
+    ), suppressed AS (
+        INSERT INTO email.suppressions (address, reason, message_id)
+        SELECT DISTINCT ON (i.recipient) i.recipient,
+               CASE i.event WHEN 'bounced' THEN 'bounced' ELSE i.event END, i.message_id
+        FROM ins i
+        WHERE i.recipient IS NOT NULL
+          AND (i.event IN ('complained', 'unsubscribed') OR (i.event = 'bounced' AND i.bounce_type = 'hard'))
+        ORDER BY i.recipient, i.event
+        ON CONFLICT (address) DO NOTHING
+    ), delivered AS (
+        UPDATE email.messages m SET status = 'delivered', updated_at = now()
+        WHERE m.id IN (SELECT i.message_id FROM ins i WHERE i.event = 'delivered') AND m.status = 'sent'
+    ), kept AS (
+        INSERT INTO email.unmatched_events (transport, received_at, event, provider_event_id, provider_message_id,
+                                            recipient, reason, payload)
+        SELECT r.transport, now(), r.event, r.provider_event_id, r.provider_message_id, r.recipient,
+               coalesce(r.reason, CASE WHEN r.event = 'unknown' THEN 'an event type pg_email does not record'
+                                       ELSE 'no message matches it' END),
+               r.payload
+        FROM rows r
+        WHERE (r.mid IS NULL OR r.event = 'unknown') AND r.transport IS NOT NULL
+        ON CONFLICT (transport, provider_event_id) WHERE provider_event_id IS NOT NULL DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM kept),
+           (SELECT array_agg(DISTINCT i.message_id) FROM ins i WHERE i.event = 'bounced' AND i.bounce_type = 'hard')
+    INTO stored, unmatched, hard;
+    -- A message every recipient of which hard-bounced is bounced.
+    IF hard IS NOT NULL THEN
+        UPDATE email.messages m SET status = 'bounced', updated_at = now()
+        WHERE m.id = ANY (hard) AND m.status IN ('sent', 'delivered')
+          AND NOT EXISTS (
+              SELECT 1 FROM unnest(m.recipients || coalesce(m.cc, '{}') || coalesce(m.bcc, '{}')) AS r(mailbox)
+              WHERE NOT EXISTS (
+                  SELECT 1 FROM email.receipts x
+                  WHERE x.message_id = m.id AND x.event = 'bounced' AND x.bounce_type = 'hard'
+                    AND x.recipient = email._address(r.mailbox)));
+    END IF;
+    RETURN stored + unmatched;
+END $$;
 
 -- Queue overview for operators: counts per status and transport, age of the oldest due message.
 CREATE VIEW email.queue_summary WITH (security_invoker = true) AS
@@ -241,6 +343,9 @@ SELECT pg_catalog.pg_extension_config_dump('email.captured', '');
 SELECT pg_catalog.pg_extension_config_dump('email.captured_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('email.templates', '');
 SELECT pg_catalog.pg_extension_config_dump('email.template_versions', '');
+SELECT pg_catalog.pg_extension_config_dump('email.unmatched_events', '');
+SELECT pg_catalog.pg_extension_config_dump('email.unmatched_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('email.tracking_keys', '');
 
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
@@ -285,12 +390,26 @@ COMMENT ON COLUMN email.receipts.enhanced_code IS 'The RFC 3463 enhanced status 
 COMMENT ON COLUMN email.receipts.provider_code IS 'A provider API''s own error code or name (Postmark ErrorCode, Resend error name, SES error type).';
 COMMENT ON COLUMN email.receipts.response IS 'The reply text, with any secret of the transport replaced by ***.';
 COMMENT ON COLUMN email.receipts.duration_ms IS 'How long the attempt took.';
+COMMENT ON COLUMN email.receipts.source IS 'Where the event came from: worker (a delivery attempt), webhook (a provider event), tracking (a pixel, link or unsubscribe hit on the listener), inbound (bounce or complaint mail) or api (email.send, email.cancel).';
+COMMENT ON COLUMN email.receipts.bounce_type IS 'For bounced: hard (the address does not work; suppressed), soft (temporary, e.g. a full mailbox) or block (policy or reputation; never suppressed).';
+COMMENT ON COLUMN email.receipts.url IS 'For clicked: the link''s destination.';
+COMMENT ON COLUMN email.receipts.user_agent IS 'For opened, clicked and unsubscribed: the client''s User-Agent.';
+COMMENT ON COLUMN email.receipts.ip IS 'For opened, clicked and unsubscribed: the client''s address.';
+COMMENT ON COLUMN email.receipts.machine IS 'The open or click came from a mail-privacy proxy, a link scanner, a HEAD request, or arrived within 2 s of sending: kept, and left out of human engagement figures.';
+COMMENT ON COLUMN email.receipts.provider_event_id IS 'The provider''s id of the event (or a hash of it); the same event is stored once per transport.';
+COMMENT ON COLUMN email.receipts.payload IS 'The provider''s event as received.';
 
 COMMENT ON TABLE email.suppressions IS 'Addresses mail is never sent to: recipients on it are dropped at enqueue. Hard bounces (RFC 3463 5.1.x) add rows; so can you.';
 COMMENT ON COLUMN email.suppressions.address IS 'The bare address, lower-cased (stored so whatever the case given), or *@domain for a whole domain.';
 COMMENT ON COLUMN email.suppressions.reason IS 'bounced, complained, unsubscribed or manual.';
 COMMENT ON COLUMN email.suppressions.message_id IS 'The message whose outcome added the address, if any.';
 
+COMMENT ON TABLE email.unmatched_events IS 'Authentic provider events that name no message here, or of a type pg_email does not record: kept, never dropped.';
+COMMENT ON TABLE email.tracking_keys IS 'Keys that sign tracking and unsubscribe links (the newest signs, all verify); owner only. email.rotate_tracking_key() adds one.';
+COMMENT ON TABLE email.sns_certificates IS 'SNS signing certificates the listener fetched, by URL, so email.ingest_webhook can check SES events without network I/O.';
+COMMENT ON COLUMN email.messages.track_opens IS 'An open pixel is added to the HTML part (resolved at enqueue from the call or pg_email.track_opens).';
+COMMENT ON COLUMN email.messages.track_clicks IS 'The HTML part''s links go through the listener (resolved at enqueue from the call or pg_email.track_clicks).';
+COMMENT ON COLUMN email.messages.list_unsubscribe IS 'List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) headers are added (one recipient only).';
 COMMENT ON TABLE email.attachments IS 'Decoded attachments of queued messages, in order.';
 COMMENT ON TABLE email.captured IS 'What the capture:// transport "sent": the final message bytes and the envelope; nothing left the database.';
 COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax, filters and tests, and (at commit) that the templates it extends or includes exist; it bumps version when the content changed; every version is kept in email.template_versions.';
@@ -312,7 +431,14 @@ COMMENT ON FUNCTION email.test_transport IS 'Checks a transport without waiting 
 COMMENT ON FUNCTION email.retry_all IS 'email.retry for every failed and bounced message (or the given status) the caller may act on, optionally by transport and since a time; returns how many. For recovery after an outage.';
 COMMENT ON FUNCTION email.suppress IS 'Adds an address, or a whole domain as *@domain, to the suppression list (any letter case); true if it was not on it.';
 COMMENT ON FUNCTION email.unsuppress IS 'Takes an address or *@domain off the suppression list; true if it was on it.';
-COMMENT ON FUNCTION email.worker_status IS 'One row per delivery worker serving this database: pid, state (idle, sending, paused, ...), messages in flight, totals since start, last activity; in a database no worker serves, one row says so.';
+COMMENT ON FUNCTION email.ingest_webhook IS 'Verifies and stores one provider webhook request (headers as a JSON object, the raw body) exactly as the listener''s POST /webhooks/<transport> does; returns the rows stored.';
+COMMENT ON FUNCTION email.rotate_tracking_key IS 'Starts a new key for tracking and unsubscribe links and returns its id; links signed with older keys keep working.';
+COMMENT ON FUNCTION email._record_events(jsonb) IS 'Stores events heard back (webhooks, tracking) and applies their effects: status, suppressions; unmatched ones go to email.unmatched_events.';
+COMMENT ON FUNCTION email._address(text) IS 'The bare, lower-cased address of a stored mailbox.';
+COMMENT ON FUNCTION email.worker_status IS 'One row per worker serving this database: the delivery workers (kind delivery: pid, state, messages in flight, totals since start, last activity) and the listener (kind listener: events stored as sent, requests answered 503 as deferred, refused requests as failed, open connections as in_flight); in a database no worker serves, one row says so.';
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();
+
+-- The first tracking key, so tracking and unsubscribe links can be signed from the start.
+SELECT email.rotate_tracking_key();

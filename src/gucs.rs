@@ -41,6 +41,14 @@ static MAX_RECIPIENTS: GucSetting<i32> = GucSetting::<i32>::new(50);
 /// Template engine fuel: the most instructions one render may execute.
 static TEMPLATE_FUEL: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 
+/// Where the listener worker accepts HTTP (webhooks, tracking, unsubscribe); empty: no listener.
+static LISTEN_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The base URL recipients and providers reach the listener at.
+static PUBLIC_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Track opens / clicks of messages whose send call leaves it NULL.
+static TRACK_OPENS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TRACK_CLICKS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// Registers every setting and reserves the `pg_email.` prefix.
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -166,6 +174,38 @@ pub fn init() {
         i32::MAX,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pg_email.listen_address",
+        c"host:port the pg_email listener accepts HTTP on (webhooks, tracking, unsubscribe).",
+        c"Empty: no listener. Put a reverse proxy in front of it for TLS.",
+        &LISTEN_ADDRESS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.public_url",
+        c"Base URL recipients and providers reach the listener at.",
+        c"Tracking and unsubscribe links use it; default http://<listen_address>.",
+        &PUBLIC_URL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_email.track_opens",
+        c"Track opens of messages whose email.send call leaves track_opens NULL.",
+        c"",
+        &TRACK_OPENS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_email.track_clicks",
+        c"Track clicks of messages whose email.send call leaves track_clicks NULL.",
+        c"",
+        &TRACK_CLICKS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
 
     // SAFETY: called once from _PG_init in the postmaster with a static NUL-terminated prefix,
     // after every pg_email setting is defined.
@@ -247,4 +287,19 @@ pub fn max_recipients() -> usize {
 }
 pub fn template_fuel() -> u64 {
     TEMPLATE_FUEL.get().max(0) as u64
+}
+pub fn listen_address() -> Option<String> {
+    string(&LISTEN_ADDRESS)
+}
+/// The base of tracking and unsubscribe links, without a trailing slash.
+pub fn public_url() -> Option<String> {
+    string(&PUBLIC_URL)
+        .or_else(|| listen_address().map(|a| format!("http://{a}")))
+        .map(|u| u.trim_end_matches('/').to_string())
+}
+pub fn track_opens() -> bool {
+    TRACK_OPENS.get()
+}
+pub fn track_clicks() -> bool {
+    TRACK_CLICKS.get()
 }

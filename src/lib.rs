@@ -17,14 +17,18 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod bgw;
 pub mod catalog;
 pub mod deliver;
 pub mod draft;
 pub mod gucs;
+pub mod listener;
 pub mod message;
 pub mod render;
 pub mod shmem;
 pub mod subxact;
+pub mod tracking;
+pub mod webhook;
 pub mod worker;
 pub mod xact;
 
@@ -54,6 +58,7 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init();
     api::init();
     worker::init();
+    listener::init();
 }
 
 #[cfg(test)]

@@ -27,10 +27,11 @@ pub enum WorkerState {
     WaitingForDatabase = 4,
     Stopping = 5,
     Paused = 6,
+    Listening = 7,
 }
 
 impl WorkerState {
-    const ALL: [WorkerState; 7] = [
+    const ALL: [WorkerState; 8] = [
         WorkerState::Stopped,
         WorkerState::Starting,
         WorkerState::Idle,
@@ -38,6 +39,7 @@ impl WorkerState {
         WorkerState::WaitingForDatabase,
         WorkerState::Stopping,
         WorkerState::Paused,
+        WorkerState::Listening,
     ];
 
     pub fn from_u32(v: u32) -> Option<WorkerState> {
@@ -53,6 +55,7 @@ impl WorkerState {
             WorkerState::WaitingForDatabase => "waiting for database",
             WorkerState::Stopping => "stopping",
             WorkerState::Paused => "paused",
+            WorkerState::Listening => "listening",
         }
     }
 }
@@ -99,6 +102,9 @@ pub struct Shared {
     /// Set by a committing backend, cleared by the worker that claims.
     pub pending: AtomicBool,
     pub slots: [Slot; MAX_WORKERS],
+    /// The listener worker: `sent` counts events stored, `failed` requests refused (4xx),
+    /// `deferred` requests answered 503, `in_flight` open connections.
+    pub listener: Slot,
     pub rates: [RateSlot; RATE_SLOTS],
     /// Bumped whenever email.transports or email.suppressions change (and again when that
     /// transaction ends), so backends and workers can cache what they read from them.

@@ -178,25 +178,28 @@ fn worker_status() -> TableIterator<
         name!(started_at, Option<TimestampWithTimeZone>),
         name!(last_activity, Option<TimestampWithTimeZone>),
         name!(database, String),
+        name!(kind, String),
     ),
 > {
     let here = super::current_database();
     if let Some(why) = super::unserved_reason(&here) {
-        return TableIterator::new(vec![(None, None, why, 0, 0, 0, 0, 0, None, None, here)]);
+        return TableIterator::new(vec![(None, None, why, 0, 0, 0, 0, 0, None, None, here, "delivery".into())]);
     }
     let mut rows = Vec::new();
     if let Some(shared) = shmem::shared() {
-        for (i, s) in shared.slots.iter().enumerate() {
+        // The listener's row: events stored as sent, requests answered 503 as deferred, refused
+        // (4xx) requests as failed, open connections as in flight.
+        let slots = shared.slots.iter().enumerate().map(|(i, s)| (Some(i as i32), s, "delivery"));
+        for (worker, s, kind) in slots.chain(std::iter::once((None, &shared.listener, "listener"))) {
             let started = s.started_at.load(Ordering::Relaxed);
             if started == 0 {
                 continue;
             }
             let pid = s.pid.load(Ordering::Relaxed);
-            let state = s.state().map_or("unknown", WorkerState::name);
             rows.push((
-                Some(i as i32),
+                worker,
                 (pid != 0).then_some(pid),
-                state.to_string(),
+                s.state().map_or("unknown", WorkerState::name).to_string(),
                 s.in_flight.load(Ordering::Relaxed) as i32,
                 s.sent.load(Ordering::Relaxed) as i64,
                 s.deferred.load(Ordering::Relaxed) as i64,
@@ -205,6 +208,7 @@ fn worker_status() -> TableIterator<
                 ts(started),
                 ts(s.last_activity.load(Ordering::Relaxed)),
                 here.clone(),
+                kind.to_string(),
             ));
         }
     }

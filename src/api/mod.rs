@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 use crate::message::{show, FieldError};
 
 pub mod admin;
+pub mod events;
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
 pub mod send;

@@ -37,6 +37,38 @@ pub(crate) struct Routing<'a> {
     pub priority: Option<i32>,
     /// `(name, version, data)` for template mail.
     pub template: Option<(&'a str, i32, &'a serde_json::Value)>,
+    pub track: Track,
+}
+
+/// The call's `track_opens`, `track_clicks` and `list_unsubscribe` (NULL: the settings
+/// pg_email.track_opens / pg_email.track_clicks; List-Unsubscribe: off without a topic).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Track {
+    pub opens: Option<bool>,
+    pub clicks: Option<bool>,
+    pub list_unsubscribe: Option<bool>,
+}
+
+impl Track {
+    /// The resolved flags; a flag that is on needs a URL for the links.
+    fn resolve(self) -> [bool; 3] {
+        let flags = [
+            self.opens.unwrap_or_else(gucs::track_opens),
+            self.clicks.unwrap_or_else(gucs::track_clicks),
+            self.list_unsubscribe.unwrap_or(false),
+        ];
+        if gucs::public_url().is_none() {
+            for (on, field) in flags.iter().zip(["track_opens", "track_clicks", "list_unsubscribe"]) {
+                if *on {
+                    invalid(FieldError::new(
+                        field,
+                        "needs a URL for its links: set pg_email.public_url (or pg_email.listen_address)",
+                    ));
+                }
+            }
+        }
+        flags
+    }
 }
 
 fn limits() -> draft::Limits {
@@ -166,6 +198,7 @@ fn insert_message(
     let message_id = message::new_message_id(sender);
     let creator = caller_role();
     let request_hash = d.idempotency_key.map(|_| call_fingerprint(d, r));
+    let [opens, clicks, list_unsubscribe] = r.track.resolve();
     let args: Vec<DatumWithOid> = vec![
         route.name.as_str().into(),
         message::mailbox_text(sender).into(),
@@ -190,6 +223,9 @@ fn insert_message(
         (c.attachments.len() as i32).into(),
         (if kept.all_suppressed { "suppressed" } else { "queued" }).into(),
         request_hash.as_deref().into(),
+        opens.into(),
+        clicks.into(),
+        list_unsubscribe.into(),
     ];
     let sql = if d.idempotency_key.is_some() { INSERT_MESSAGE_ONCE } else { INSERT_MESSAGE };
     let inserted = run_prepared(client, sql, Some(1), &args);
@@ -309,10 +345,10 @@ pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
 }
 
 /// Queues one message. See DESIGN.md for every argument.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[pg_extern(name = "send", volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn send(
+fn send_message(
     recipients: Option<&str>,
     subject: Option<&str>,
     body: default!(Option<&str>, "NULL"),
@@ -329,7 +365,11 @@ fn send(
     idempotency_key: default!(Option<&str>, "NULL"),
     transport: default!(Option<&str>, "NULL"),
     priority: default!(Option<i32>, 0),
+    track_opens: default!(Option<bool>, "NULL"),
+    track_clicks: default!(Option<bool>, "NULL"),
+    list_unsubscribe: default!(Option<bool>, "NULL"),
 ) -> i64 {
+    let track = Track { opens: track_opens, clicks: track_clicks, list_unsubscribe };
     enqueue(
         draft::Draft {
             recipients,
@@ -346,15 +386,15 @@ fn send(
             idempotency_key,
             templated: false,
         },
-        Routing { sender, transport, send_at, priority, template: None },
+        Routing { sender, transport, send_at, priority, template: None, track },
     )
 }
 
 /// Queues one message rendered from a stored template when it is sent.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[pg_extern(name = "send_template", volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, email, pg_temp)]
 #[allow(clippy::too_many_arguments)]
-fn send_template(
+fn send_template_message(
     template: Option<&str>,
     recipients: Option<&str>,
     data: default!(Option<JsonB>, "'{}'"),
@@ -370,7 +410,11 @@ fn send_template(
     idempotency_key: default!(Option<&str>, "NULL"),
     transport: default!(Option<&str>, "NULL"),
     priority: default!(Option<i32>, 0),
+    track_opens: default!(Option<bool>, "NULL"),
+    track_clicks: default!(Option<bool>, "NULL"),
+    list_unsubscribe: default!(Option<bool>, "NULL"),
 ) -> i64 {
+    let track = Track { opens: track_opens, clicks: track_clicks, list_unsubscribe };
     let name = template.unwrap_or_else(|| invalid(FieldError::required("template")));
     let data = data.unwrap_or_else(|| JsonB(serde_json::json!({})));
     if !data.0.is_object() {
@@ -399,7 +443,7 @@ fn send_template(
             templated: true,
             ..draft::Draft::default()
         },
-        Routing { sender, transport, send_at, priority, template: Some((name, version, &data.0)) },
+        Routing { sender, transport, send_at, priority, template: Some((name, version, &data.0)), track },
     )
 }
 
@@ -409,4 +453,19 @@ fn template_version(name: &str) -> Option<i32> {
         pgrx::spi::SpiError::InvalidPosition => None,
         e => spi_failed(e),
     })
+}
+
+/// The C symbols 0.1.0's `email.send` and `email.send_template` point at. They take fewer
+/// arguments than today's, so after a new library is installed and before ALTER EXTENSION
+/// pg_email UPDATE they only say what to do (the arguments are not read).
+#[pg_extern(sql = false)]
+fn send() -> i64 {
+    super::require_current_schema();
+    raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "email.send is out of date", None)
+}
+
+#[pg_extern(sql = false)]
+fn send_template() -> i64 {
+    super::require_current_schema();
+    raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "email.send_template is out of date", None)
 }

@@ -638,8 +638,8 @@ mod tests {
         // email.add_transport shows these texts and email.transports these forms, word for word.
         let errors = [
             ("gopher://h", "unknown DSN scheme \"gopher\" (expected smtp, smtps, sendgrid+api, postmark+api, resend+api, mailgun+api, ses+api, file or capture)"),
-            ("sendgrid+api://k@default?tls=none", "unknown option \"tls\" for a sendgrid DSN (known: from, max_connections, rate, region, sandbox, scheme, timeout)"),
-            ("resend+api://k@default?region=eu", "unknown option \"region\" for a resend DSN (known: from, max_connections, rate, scheme, timeout)"),
+            ("sendgrid+api://k@default?tls=none", "unknown option \"tls\" for a sendgrid DSN (known: from, max_connections, rate, region, sandbox, scheme, timeout, webhook_key)"),
+            ("resend+api://k@default?region=eu", "unknown option \"region\" for a resend DSN (known: from, max_connections, rate, scheme, timeout, webhook_secret)"),
             ("postmark+api://@default", "a postmark DSN needs the API key before the @, as in postmark+api://KEY@default"),
             ("postmark://a:b@default", "a postmark DSN takes one key: KEY@default, not KEY:SECRET@default"),
             ("sendgrid+api://k@default?sandbox=maybe", "option sandbox=\"maybe\" must be true or false"),
@@ -675,5 +675,76 @@ mod tests {
         let ses = parse("ses+api://AKIA:s3cret@default?session_token=tok123").unwrap();
         assert_eq!(ses.secrets(), ["s3cret", "tok123"]);
         assert_eq!(parse("mailgun+api://KEY:mg.example.org@default").unwrap().secrets(), ["KEY"]);
+    }
+
+    /// A P-256 public key as SendGrid shows it (base64 SPKI), made with openssl.
+    const SENDGRID_KEY: &str = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEM8nUUFoL8pTVvbpo4gC6xDDhqQukPBUcyASoMvzJCMxeZZBChO3lVR2MpCzmcuhEKHy38g1YHWZVO9U2BOjvsQ==";
+
+    #[test]
+    fn webhook_options_are_checked_and_their_secrets_masked() {
+        use crate::webhook::Config;
+        let config = |dsn: &str| Config::from_dsn(&parse(dsn).unwrap()).unwrap();
+        let sg = format!("sendgrid+api://SG.k@default?webhook_key={}", SENDGRID_KEY.replace('=', "%3D"));
+        assert!(matches!(config(&sg), Some(Config::SendGrid { public_key }) if public_key.len() == 91));
+        assert_eq!(parse(&sg).unwrap().masked(), format!("sendgrid+api://***@default?webhook_key={SENDGRID_KEY}"));
+
+        let pm = "postmark+api://TOKEN@default?webhook_user=hook&webhook_password=topsecret";
+        assert_eq!(config(pm), Some(Config::Postmark { user: "hook".into(), password: "topsecret".into() }));
+        assert_eq!(parse(pm).unwrap().masked(), "postmark+api://***@default?webhook_password=***&webhook_user=hook");
+        assert_eq!(parse(pm).unwrap().secrets(), ["TOKEN", "topsecret"]);
+
+        // `+` written as %2B, or left as `+` (which a query decodes to a space), mean the same.
+        for rs in [
+            "resend+api://re_1@default?webhook_secret=whsec_C2FVsBQIhrscChlQIMV%2Bb5sSYspob7oD",
+            "resend+api://re_1@default?webhook_secret=whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+        ] {
+            let Some(Config::Resend { secrets }) = config(rs) else { panic!("{rs}") };
+            assert_eq!(secrets.len(), 1);
+            assert_eq!(secrets[0].len(), 24);
+            assert_eq!(parse(rs).unwrap().masked(), "resend+api://***@default?webhook_secret=***");
+        }
+
+        let mg = "mailgun+api://KEY:mg.example.org@default?webhook_signing_key=topsecret";
+        assert_eq!(config(mg), Some(Config::Mailgun { signing_key: "topsecret".into() }));
+        assert_eq!(parse(mg).unwrap().masked(), "mailgun+api://***:mg.example.org@default?webhook_signing_key=***");
+        assert_eq!(scrub("bad key topsecret", &parse(mg).unwrap().secrets()), "bad key ***");
+
+        let arn = "arn:aws:sns:eu-west-1:123456789012:ses-events";
+        let ses = format!("ses+api://AKIA:s3cret@default?region=eu-west-1&sns_topic_arn={arn}");
+        assert_eq!(
+            config(&ses),
+            Some(Config::Ses {
+                topic_arn: arn.into(),
+                url_prefix: "https://sns.eu-west-1.amazonaws.com/".into(),
+                cert_pem: None
+            })
+        );
+        assert_eq!(
+            parse(&ses).unwrap().masked(),
+            format!("ses+api://AKIA:***@default?region=eu-west-1&sns_topic_arn={arn}")
+        );
+        let local = format!("{ses}&sns_url_prefix=http://127.0.0.1:9000/");
+        assert!(
+            matches!(config(&local), Some(Config::Ses { url_prefix, .. }) if url_prefix == "http://127.0.0.1:9000/")
+        );
+
+        let errors = [
+            ("sendgrid+api://k@default?webhook_key=AAAA", "option webhook_key must be"),
+            ("postmark+api://k@default?webhook_user=u", "option webhook_user needs webhook_password too"),
+            ("postmark+api://k@default?webhook_password=topsecret", "option webhook_password needs webhook_user too"),
+            ("resend+api://k@default?webhook_secret=topsecret", "option webhook_secret must be"),
+            ("resend+api://k@default?webhook_secret=whsec_top!secret", "option webhook_secret must be"),
+            ("mailgun+api://k:d@default?webhook_signing_key=", "option webhook_signing_key must be"),
+            ("ses+api://A:s@default?sns_topic_arn=topic", "option sns_topic_arn must be"),
+            ("ses+api://A:s@default?sns_url_prefix=https://x/", "option sns_url_prefix needs sns_topic_arn"),
+            ("ses+api://A:s@default?sns_topic_arn=arn:x&sns_url_prefix=https://x", "option sns_url_prefix must be"),
+            ("ses+api://A:s@default?sns_topic_arn=arn:x&sns_cert_pem=xyz", "option sns_cert_pem must be"),
+            ("smtp://h:25?webhook_key=x", "unknown option \"webhook_key\""),
+        ];
+        for (dsn, want) in errors {
+            let e = parse(dsn).expect_err(dsn).0;
+            assert!(e.starts_with(want), "{dsn}: {e}");
+            assert!(!e.contains("topsecret") && !e.contains("top!secret"), "{dsn}: {e}");
+        }
     }
 }

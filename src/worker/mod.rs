@@ -18,10 +18,11 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
+use crate::bgw::{block_signals, now_ts, restore_signals};
 use crate::deliver::outcome::{self, Plan, Policy};
 use crate::deliver::{self, dsn, Delivery, Outcome, Outgoing, Reply, Transport};
-use crate::gucs;
 use crate::shmem::{self, WorkerState};
+use crate::{gucs, tracking};
 
 /// Called from `_PG_init`, after `shmem::init`.
 pub fn init() {
@@ -93,32 +94,8 @@ struct Worker {
     /// The state last reported to pg_stat_activity (None before the first report).
     state: Option<WorkerState>,
     templates: std::sync::Arc<crate::render::Library>,
-}
-
-fn now_ts() -> i64 {
-    // SAFETY: GetCurrentTimestamp only reads the clock.
-    unsafe { pg_sys::GetCurrentTimestamp() }
-}
-
-/// Blocks every signal on the calling thread; used on runtime threads and around `block_on`, so
-/// that Postgres' handlers only ever run on the main thread.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: both sets are plain stack values initialised by sigfillset / pthread_sigmask;
-    // pthread_sigmask changes only the calling thread's mask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        old
-    }
-}
-
-fn restore_signals(old: libc::sigset_t) {
-    // SAFETY: `old` is a mask returned by pthread_sigmask on this thread.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
+    /// The tracking keys, read at start and whenever the configuration generation moves.
+    keys: Rc<tracking::Keys>,
 }
 
 #[pg_guard]
@@ -129,14 +106,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
 
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(2)
-        .on_thread_start(|| {
-            block_signals();
-        })
-        .build()
-    {
+    let rt = match crate::bgw::runtime() {
         Ok(rt) => rt,
         Err(e) => pgrx::error!("pg_email worker: cannot start its runtime: {e}"),
     };
@@ -163,6 +133,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         done: Vec::new(),
         state: None,
         templates: Default::default(),
+        keys: Rc::new(tracking::Keys::new(Vec::new())),
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
@@ -180,18 +151,78 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// What signs the links of outgoing mail: the tracking keys and the listener's public URL.
+struct Links {
+    keys: Rc<tracking::Keys>,
+    base: String,
+}
+
+impl Links {
+    fn url(&self, route: &str, id: i64, single: bool, kind: tracking::Kind, url: Option<String>) -> Option<String> {
+        let token = self.keys.sign(&tracking::Claims { kind, message_id: id, single, url })?;
+        Some(format!("{}/{route}/{token}", self.base))
+    }
+
+    /// The unsubscribe link of a message with one recipient.
+    fn unsubscribe(&self, id: i64, stored: &crate::message::Stored) -> Option<String> {
+        single_recipient(stored).then(|| self.url("u", id, true, tracking::Kind::Unsubscribe, None)).flatten()
+    }
+}
+
+fn single_recipient(stored: &crate::message::Stored) -> bool {
+    stored.recipients.len() + stored.cc.len() + stored.bcc.len() == 1
+}
+
+/// Adds what the message asked for at enqueue: a List-Unsubscribe header (one recipient only,
+/// and not when the caller set their own), tracked links and the open pixel in the HTML part.
+fn decorate(stored: &mut crate::message::Stored, id: i64, track: queue::Track, links: &Links) -> Result<(), String> {
+    let single = single_recipient(stored);
+    let unsubscribe = links.unsubscribe(id, stored);
+    if track.list_unsubscribe && !stored.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("list-unsubscribe")) {
+        if let Some(u) = &unsubscribe {
+            stored.headers.push(("List-Unsubscribe".into(), format!("<{u}>")));
+            stored.headers.push(("List-Unsubscribe-Post".into(), "List-Unsubscribe=One-Click".into()));
+        }
+    }
+    if !(track.opens || track.clicks) {
+        return Ok(());
+    }
+    let Some(html) = &stored.html else { return Ok(()) };
+    let click = |url: &str| -> Option<String> {
+        if unsubscribe.as_deref() == Some(url) {
+            return None;
+        }
+        links.url("c", id, single, tracking::Kind::Click, Some(url.to_string()))
+    };
+    let pixel = if track.opens { links.url("o", id, single, tracking::Kind::Open, None) } else { None };
+    let clicks: Option<tracking::ClickTracker<'_>> = if track.clicks { Some(&click) } else { None };
+    stored.html = Some(tracking::rewrite_html(html, clicks, pixel.as_deref()).map_err(|e| format!("tracking: {e}"))?);
+    Ok(())
+}
+
 /// The stored message as it will be built: its template rendered (template mail), and a text
 /// part derived for HTML-only mail.
 fn rendered(
     job: &queue::Job,
     templates: &std::sync::Arc<crate::render::Library>,
+    links: Option<&Links>,
 ) -> Result<crate::message::Stored, String> {
     let mut stored = job.stored.clone();
     if let Some((name, version, data)) = &job.template {
         let pinned =
             job.pinned.as_ref().ok_or_else(|| format!("template \"{name}\" version {version} no longer exists"))?;
         let limits = crate::render::Limits { fuel: gucs::template_fuel(), max_size: gucs::max_message_size() };
-        let p = crate::render::render(name, pinned, templates, data, limits)
+        // Templates get the message's unsubscribe link as `unsubscribe_url`.
+        let unsubscribe = links.and_then(|l| l.unsubscribe(job.id, &job.stored));
+        let data = match (unsubscribe, data) {
+            (Some(u), serde_json::Value::Object(m)) if !m.contains_key("unsubscribe_url") => {
+                let mut m = m.clone();
+                m.insert("unsubscribe_url".into(), u.into());
+                std::borrow::Cow::Owned(serde_json::Value::Object(m))
+            }
+            _ => std::borrow::Cow::Borrowed(data),
+        };
+        let p = crate::render::render(name, pinned, templates, &data, limits)
             .map_err(|e| format!("rendering failed: {e}"))?;
         stored.subject = p.subject;
         stored.body = p.body;
@@ -210,14 +241,27 @@ fn rendered(
 fn prepare(
     job: &queue::Job,
     templates: &std::sync::Arc<crate::render::Library>,
+    links: Option<&Links>,
     http: bool,
 ) -> Result<(Outgoing, Option<crate::render::Parts>), String> {
-    let stored = rendered(job, templates)?;
+    let mut stored = rendered(job, templates, links)?;
+    // What is written back to a template message's row is what it rendered to, before links
+    // are signed (they differ per attempt only in nothing, but the row stays readable).
     let parts = job.template.as_ref().map(|_| crate::render::Parts {
         subject: stored.subject.clone(),
         body: stored.body.clone(),
         html: stored.html.clone(),
     });
+    if job.track != queue::Track::default() {
+        match links {
+            Some(l) => decorate(&mut stored, job.id, job.track, l)?,
+            None => {
+                return Err("tracking or List-Unsubscribe was asked for, but pg_email.public_url and \
+                                pg_email.listen_address are both empty, or there is no tracking key"
+                    .into())
+            }
+        }
+    }
     let built = crate::message::build(&stored).map_err(|e| format!("the stored message cannot be built: {e}"))?;
     let pending = job.pending.as_deref();
     let to: Vec<lettre::Address> =
@@ -306,6 +350,7 @@ impl Worker {
             log!("pg_email worker {}: requeued {released} messages left claimed by its previous run", self.slot);
         }
         self.reload_routes(true);
+        self.keys = Rc::new(tracking::Keys::new(queue::tracking_keys()));
 
         let mut maybe_due = true;
         let mut backlog = false;
@@ -344,6 +389,7 @@ impl Worker {
                 if generation != self.config_generation {
                     self.config_generation = generation;
                     self.reload_routes(false);
+                    self.keys = Rc::new(tracking::Keys::new(queue::tracking_keys()));
                 }
                 let want = free.min(gucs::batch_size());
                 let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot, backlog);
@@ -389,6 +435,12 @@ impl Worker {
         self.shutdown();
     }
 
+    /// What signs links now (None without a public URL).
+    fn links(&self) -> Option<Rc<Links>> {
+        let base = gucs::public_url()?;
+        Some(Rc::new(Links { keys: self.keys.clone(), base }))
+    }
+
     /// Rebuilds the transports when the table changed (or when forced).
     fn reload_routes(&mut self, force: bool) {
         let version = queue::transports_version();
@@ -431,9 +483,11 @@ impl Worker {
         // Rendering and building are pure Rust on this thread; a panic in them must not take
         // the worker down.
         let templates = &self.templates;
-        let prepared =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(&job, templates, transport.is_http())))
-                .unwrap_or_else(|_| Err("preparing the message panicked".to_string()));
+        let links = self.links();
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            prepare(&job, templates, links.as_deref(), transport.is_http())
+        }))
+        .unwrap_or_else(|_| Err("preparing the message panicked".to_string()));
         match prepared {
             Ok((out, rendered)) => {
                 let rcpts = out.to.iter().map(|a| a.to_string()).collect();

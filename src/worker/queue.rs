@@ -28,6 +28,7 @@ const REAP_LEASES: &str = include_str!("../../sql/worker/reap_leases.sql");
 const NEXT_DUE_MS: &str = include_str!("../../sql/worker/next_due_ms.sql");
 const TRANSPORTS_FINGERPRINT: &str = include_str!("../../sql/worker/transports_fingerprint.sql");
 const TRANSPORTS: &str = include_str!("../../sql/worker/transports.sql");
+const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
 const PURGE_FINISHED: &str = include_str!("../../sql/worker/purge_finished.sql");
 
 /// A claimed row, as read back.
@@ -44,6 +45,15 @@ pub struct Job {
     pub attachment_count: i32,
     pub tags: Vec<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub track: Track,
+}
+
+/// What a message asked for, resolved at enqueue: tracking and a List-Unsubscribe header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Track {
+    pub opens: bool,
+    pub clicks: bool,
+    pub list_unsubscribe: bool,
 }
 
 /// A transport row with its secret DSN.
@@ -118,7 +128,16 @@ fn job(row: &SpiHeapTupleData) -> Job {
         attachment_count: row.get_by_name("attachment_count").ok().flatten().unwrap_or(0),
         tags: list(row, "tags").unwrap_or_default(),
         metadata: text(row, "metadata").and_then(|m| serde_json::from_str(&m).ok()).unwrap_or_default(),
+        track: Track {
+            opens: flag(row, "track_opens"),
+            clicks: flag(row, "track_clicks"),
+            list_unsubscribe: flag(row, "list_unsubscribe"),
+        },
     }
+}
+
+fn flag(row: &SpiHeapTupleData, name: &str) -> bool {
+    row.get_by_name::<bool, _>(name).ok().flatten().unwrap_or(false)
 }
 
 /// Claims up to `limit` due rows, with their attachments. `backlog` says the last claim came
@@ -314,6 +333,17 @@ pub fn next_due_ms() -> Option<f64> {
 /// A cheap fingerprint of the transport table, to notice changes.
 pub fn transports_version() -> String {
     BackgroundWorker::transaction(|| Spi::get_one::<String>(TRANSPORTS_FINGERPRINT).ok().flatten().unwrap_or_default())
+}
+
+/// The tracking keys (id, secret); the newest signs.
+pub fn tracking_keys() -> Vec<(i32, Vec<u8>)> {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            spi(client.select(TRACKING_KEYS, None, &[]))
+                .filter_map(|r| Some((r.get_by_name("kid").ok()??, r.get_by_name("secret").ok()??)))
+                .collect()
+        })
+    })
 }
 
 pub fn load_transports() -> Vec<TransportRow> {

@@ -15,6 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 E2E_DIR = os.environ.get("E2E_DIR", os.path.join(ROOT, ".e2e"))
 PORT = int(os.environ.get("E2E_PORT", "5499"))
+# The listener worker (HTTP: webhooks, tracking, unsubscribe) of database `mail`.
+LISTEN_PORT = PORT + 11
+LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
 CLUSTER_DIR = os.path.join(E2E_DIR, "pg")
 CLUSTER_SH = os.path.join(ROOT, "scripts", "cluster.sh")
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -29,6 +32,7 @@ CONF = [
     "pg_email.poll_interval = '250ms'",
     "pg_email.default_sender = 'pg_email tests <tests@example.org>'",
     "log_min_messages = info",
+    f"pg_email.listen_address = '127.0.0.1:{LISTEN_PORT}'",
 ]
 
 

@@ -640,6 +640,42 @@ def test_ses_wrong_content_type_and_errors(start):
     assert f.accepted == []
 
 
+# ------------------------------------------------------------------- pg_email_id (custom data)
+
+def _send_with_id(f, provider, pg_email_id):
+    """A valid request of `provider` carrying pg_email_id (a str; None: the key is left out) beside
+    other custom data, the way pg_email sends it."""
+    with_id = {} if pg_email_id is None else {"pg_email_id": pg_email_id}
+    if provider == "sendgrid":
+        return jcall(f.endpoint, sg_body(custom_args=dict({"message_id": "42"}, **with_id)), SG_AUTH)[0]
+    if provider == "postmark":
+        return jcall(f.endpoint, pm_body(Metadata=dict({"message_id": "42"}, **with_id)), PM_H)[0]
+    if provider == "resend":
+        tags = [{"name": "category", "value": "welcome"}] + [{"name": k, "value": v} for k, v in with_id.items()]
+        return jcall(f.endpoint, rs_body(tags=tags), RS_H)[0]
+    if provider == "mailgun":
+        return mg_send(f, MG_FIELDS + [(f"v:{k}", v) for k, v in with_id.items()])[0]
+    tags = [{"Name": "category", "Value": "welcome"}] + [{"Name": k, "Value": v} for k, v in with_id.items()]
+    return ses_send(f, ses_simple(EmailTags=tags))[0]
+
+
+@pytest.mark.parametrize("provider", ["sendgrid", "postmark", "resend", "mailgun", "ses"])
+def test_pg_email_id_is_accepted_and_recorded(start, provider):
+    f = start(provider)
+    ok = 202 if provider == "sendgrid" else 200
+    assert _send_with_id(f, provider, "1001") == ok
+    assert _send_with_id(f, provider, None) == ok
+    assert [r["pg_email_id"] for r in f.wait_for(2)] == [1001, None]
+
+
+def test_sendgrid_personalization_custom_args_override_the_messages(start):
+    f = start("sendgrid")
+    b = sg_body(custom_args={"pg_email_id": "1"})
+    b["personalizations"][0]["custom_args"] = {"pg_email_id": "2"}
+    assert jcall(f.endpoint, b, SG_AUTH)[0] == 202
+    assert f.wait_for(1)[0]["pg_email_id"] == 2
+
+
 # -------------------------------------------------------------------------------------- generic
 
 def test_set_down_keepalive_and_stop(start):

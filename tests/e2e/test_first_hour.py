@@ -235,7 +235,7 @@ def test_a_database_no_worker_serves_says_so(api, mail):
     assert fresh_api.all("SELECT worker, pid, state, database FROM email.worker_status()") == [
         (None, None, 'no worker serves this database (pg_email.database is "mail")', "api")]
     fresh_api.conn.close()
-    rows = mail.all("SELECT worker, state, database FROM email.worker_status() ORDER BY worker")
+    rows = mail.all("SELECT worker, state, database FROM email.worker_status() WHERE kind = 'delivery' ORDER BY worker")
     assert [r[0] for r in rows] == [0, 1] and {r[2] for r in rows} == {"mail"}
     assert not [n for n in mail.conn.notices if 'will not be sent' in n]
 
@@ -245,11 +245,11 @@ def test_worker_status_shows_paused(mail):
     mail.all("ALTER SYSTEM SET pg_email.paused = on")
     mail.all("SELECT pg_reload_conf()")
     try:
-        mail.wait("SELECT bool_and(state = 'paused') FROM email.worker_status()", timeout=60)
+        mail.wait("SELECT bool_and(state = 'paused') FROM email.worker_status() WHERE kind = 'delivery'", timeout=60)
     finally:
         mail.all("ALTER SYSTEM RESET pg_email.paused")
         mail.all("SELECT pg_reload_conf()")
-    mail.wait("SELECT bool_and(state <> 'paused') FROM email.worker_status()", timeout=60)
+    mail.wait("SELECT bool_and(state <> 'paused') FROM email.worker_status() WHERE kind = 'delivery'", timeout=60)
 
 
 README_TEMPLATES = """

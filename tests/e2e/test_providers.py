@@ -62,7 +62,7 @@ def test_every_field_reaches_the_provider(mail, provider):
         assert b["subject"] == "Grüße ✓ order 42"
         assert b["content"] == [{"type": "text/plain", "value": "Plain text"}, {"type": "text/html", "value": '<p>HTML <img src="cid:logo"></p>'}]
         assert b["headers"] == {"X-Campaign": "spring", "Message-ID": stored_id}
-        assert b["categories"] == ["welcome", "q3"] and b["custom_args"] == {"order_id": "42"}
+        assert b["categories"] == ["welcome", "q3"] and b["custom_args"] == {"order_id": "42", "pg_email_id": str(mid)}
         atts = {a["filename"]: a for a in b["attachments"]}
         assert base64.b64decode(atts["report.csv"]["content"]) == b"a,b\n1,2\n" and atts["report.csv"]["disposition"] == "attachment"
         assert atts["logo.png"]["disposition"] == "inline" and atts["logo.png"]["content_id"] == "logo"
@@ -73,7 +73,7 @@ def test_every_field_reaches_the_provider(mail, provider):
         assert b["Cc"] == "cc@example.test" and b["Bcc"] == "bcc@example.test" and b["ReplyTo"] == "Help <help@example.test>"
         assert b["Subject"] == "Grüße ✓ order 42" and b["TextBody"] == "Plain text" and "cid:logo" in b["HtmlBody"]
         assert {"Name": "X-Campaign", "Value": "spring"} in b["Headers"] and {"Name": "Message-ID", "Value": stored_id} in b["Headers"]
-        assert b["Tag"] == "welcome" and b["Metadata"] == {"order_id": "42"} and b["MessageStream"] == "outbound"
+        assert b["Tag"] == "welcome" and b["Metadata"] == {"order_id": "42", "pg_email_id": str(mid)} and b["MessageStream"] == "outbound"
         atts = {a["Name"]: a for a in b["Attachments"]}
         assert base64.b64decode(atts["report.csv"]["Content"]) == b"a,b\n1,2\n" and atts["logo.png"]["ContentID"] == "cid:logo"
         assert req["headers"]["x-postmark-server-token"] == "test-key"
@@ -85,6 +85,7 @@ def test_every_field_reaches_the_provider(mail, provider):
         assert b["subject"] == "Grüße ✓ order 42" and b["text"] == "Plain text"
         assert b["headers"] == {"X-Campaign": "spring", "Message-ID": stored_id}
         assert {"name": "welcome", "value": "true"} in b["tags"] and {"name": "order_id", "value": "42"} in b["tags"]
+        assert {"name": "pg_email_id", "value": str(mid)} in b["tags"]
         atts = {a["filename"]: a for a in b["attachments"]}
         assert atts["logo.png"]["content_id"] == "logo"
         assert req["headers"]["idempotency-key"].startswith(stored_id.strip("<>"))
@@ -96,6 +97,7 @@ def test_every_field_reaches_the_provider(mail, provider):
         assert f["subject"] == ["Grüße ✓ order 42"] and f["text"] == ["Plain text"]
         assert f["h:X-Campaign"] == ["spring"] and f["h:Message-Id"] == [stored_id] and f["h:Reply-To"] == ["Help <help@example.test>"]
         assert f["o:tag"] == ["welcome", "q3"] and json.loads(f["v:order_id"][0]) == "42"
+        assert json.loads(f["v:pg_email_id"][0]) == mid
         files = {(x["field"], x["filename"]): x for x in req["files"]}
         assert files[("attachment", "report.csv")]["content"] == b"a,b\n1,2\n"
         assert files[("inline", "logo")]["content"] == b"\x89PNG-bytes"
@@ -105,12 +107,14 @@ def test_every_field_reaches_the_provider(mail, provider):
         b = req["json"]
         assert b["Destination"] == {"ToAddresses": ["jane@example.test"], "CcAddresses": ["cc@example.test"], "BccAddresses": ["bcc@example.test"]}
         assert b["FromEmailAddress"] == "Shop <shop@example.test>" and b["ReplyToAddresses"] == ["Help <help@example.test>"]
-        assert {"Name": "welcome", "Value": "true"} in b["EmailTags"]
+        assert {"Name": "welcome", "Value": "true"} in b["EmailTags"] and {"Name": "pg_email_id", "Value": str(mid)} in b["EmailTags"]
         m = req["mime"]
         assert m["Message-ID"] == stored_id and m["subject"] == "Grüße ✓ order 42" and m["X-Campaign"] == "spring"
         assert m.get_body(("plain",)).get_content().strip() == "Plain text"
         assert req["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
         assert pid == fake.accepted[-1]["response"]["MessageId"]
+    # our message id, sent as custom data under pg_email_id, as each fake read it back
+    assert req["pg_email_id"] == mid
     assert "wJalr" not in json.dumps(mail.all("SELECT * FROM email.transports"), default=str)
 
 

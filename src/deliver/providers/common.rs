@@ -9,7 +9,7 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use super::super::{Delivery, Reply};
-use super::{Fields, Userinfo};
+use super::{Fields, Userinfo, ID_KEY};
 
 /// The DSN check of providers that take one API key: `KEY@default`.
 pub fn one_key(name: &str, u: Userinfo<'_>) -> Result<(), String> {
@@ -133,6 +133,17 @@ pub fn tag_safe(s: &str) -> String {
     }
 }
 
+/// The tags of Resend and SES, as name/value pairs of letters, digits, `_` and `-`: a tag becomes
+/// `name=true`, a metadata entry `key=value`, and our message id `id` comes last under [`ID_KEY`].
+/// A tag or entry whose name comes out as `pg_email_id` is left out: ours wins (see [`ID_KEY`]).
+pub fn tag_pairs(f: &Fields, id: i64) -> Vec<(String, String)> {
+    let tags = f.tags.iter().map(|t| (tag_safe(t), "true".to_string()));
+    let metadata = f.metadata_strings().into_iter().map(|(k, v)| (tag_safe(&k), tag_safe(&v)));
+    let mut pairs: Vec<(String, String)> = tags.chain(metadata).filter(|(name, _)| name != ID_KEY).collect();
+    pairs.push((ID_KEY.to_string(), id.to_string()));
+    pairs
+}
+
 pub fn json_body(v: &Value) -> Result<Vec<u8>, String> {
     serde_json::to_vec(v).map_err(|e| format!("cannot encode the request: {e}"))
 }
@@ -176,5 +187,24 @@ mod tests {
         assert_eq!(tag_safe("order.shipped 2"), "order_shipped_2");
         assert_eq!(tag_safe(""), "_");
         assert_eq!(tag_safe(&"x".repeat(300)).len(), 256);
+    }
+
+    #[test]
+    fn tag_pairs_end_with_our_message_id() {
+        let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
+        let mut f = Fields { tags: vec!["order shipped".into()], ..Fields::default() };
+        f.metadata.insert("plan".into(), Value::from("pro.2"));
+        f.metadata.insert("n".into(), Value::from(7));
+        assert_eq!(
+            tag_pairs(&f, 1001),
+            [pair("order_shipped", "true"), pair("n", "7"), pair("plan", "pro_2"), pair("pg_email_id", "1001")]
+        );
+        // A user's tag or metadata entry named (or made safe into) pg_email_id never replaces ours.
+        f.tags.push("pg_email_id".into());
+        f.metadata.insert("pg_email_id".into(), Value::from("mine"));
+        f.metadata.insert("pg.email.id".into(), Value::from(5));
+        let ours: Vec<_> = tag_pairs(&f, 1001).into_iter().filter(|(n, _)| n == ID_KEY).collect();
+        assert_eq!(ours, [pair("pg_email_id", "1001")]);
+        assert_eq!(tag_pairs(&Fields::default(), 1), [pair("pg_email_id", "1")]);
     }
 }

@@ -6,7 +6,7 @@ use base64::Engine;
 
 use super::super::{Delivery, Outgoing};
 use super::common::{accepted, classify, named_in, refused};
-use super::{Answer, Body, Config, Fields, FormValue, Options, Provider, Request, SecretIn, Userinfo};
+use super::{Answer, Body, Config, Fields, FormValue, Options, Provider, Request, SecretIn, Userinfo, ID_KEY};
 
 pub struct Mailgun;
 
@@ -20,7 +20,11 @@ impl Provider for Mailgun {
     }
 
     fn options(&self) -> &'static [&'static str] {
-        &["region"]
+        &["region", "webhook_signing_key"]
+    }
+
+    fn secret_options(&self) -> &'static [&'static str] {
+        &["webhook_signing_key"]
     }
 
     fn secret_in(&self) -> SecretIn {
@@ -34,9 +38,11 @@ impl Provider for Mailgun {
             );
         }
         match options.get("region").map(String::as_str) {
-            None | Some("us" | "eu") => Ok(()),
-            Some(r) => Err(format!("option region=\"{r}\" must be us or eu")),
+            None | Some("us" | "eu") => {}
+            Some(r) => return Err(format!("option region=\"{r}\" must be us or eu")),
         }
+        // The webhook signing key.
+        crate::webhook::Config::from_options(self.name(), options).map(|_| ())
     }
 
     fn default_host(&self, options: &Options) -> String {
@@ -46,8 +52,8 @@ impl Provider for Mailgun {
         }
     }
 
-    fn request(&self, c: &Config, _: &Outgoing, f: &Fields) -> Result<Request, String> {
-        request(c, f)
+    fn request(&self, c: &Config, m: &Outgoing, f: &Fields) -> Result<Request, String> {
+        request(c, m.id, f)
     }
 
     fn answer(&self, a: &Answer<'_>, f: &Fields) -> Delivery {
@@ -55,7 +61,8 @@ impl Provider for Mailgun {
     }
 }
 
-fn request(c: &Config, f: &Fields) -> Result<Request, String> {
+/// The request for message `id`.
+fn request(c: &Config, id: i64, f: &Fields) -> Result<Request, String> {
     let from = f.from.as_ref().ok_or("no sender")?;
     let domain = c.secret.clone().unwrap_or_default();
     let mut form: Vec<(String, FormValue)> = Vec::new();
@@ -87,10 +94,12 @@ fn request(c: &Config, f: &Fields) -> Result<Request, String> {
     for t in &f.tags {
         text("o:tag", t.clone());
     }
-    // `v:` variables are JSON, echoed in Mailgun's events.
-    for (k, v) in &f.metadata {
+    // `v:` variables are JSON, echoed in Mailgun's events. Our message id (a JSON number) comes
+    // last and wins over a user's `pg_email_id`.
+    for (k, v) in f.metadata.iter().filter(|(k, _)| k.as_str() != ID_KEY) {
         text(&format!("v:{k}"), v.to_string());
     }
+    text(&format!("v:{ID_KEY}"), id.to_string());
     for a in &f.attachments {
         // Mailgun refers to inline parts as cid:<file name>, so they are named by their content id.
         let (field, file_name) = match &a.content_id {
@@ -135,7 +144,7 @@ fn answer(a: &Answer<'_>, f: &Fields) -> Delivery {
 mod tests {
     use std::time::Duration;
 
-    use super::super::testing::{answer, config, error_reply, header, refusal, request};
+    use super::super::testing::{answer, config, error_reply, fields, header, outgoing, refusal, request};
     use super::*;
 
     fn text(name: &str, value: &str) -> (String, FormValue) {
@@ -170,10 +179,21 @@ mod tests {
             text("o:tag", "welcome"),
             text("v:n", "7"),
             text("v:order", "\"42\""),
+            text("v:pg_email_id", "1001"),
             file("attachment", "a.txt", "text/plain", b"hello"),
             file("inline", "logo", "image/png", &[1, 2, 3]),
         ];
         assert_eq!(r.body, Body::Form(expected));
+    }
+
+    #[test]
+    fn our_message_id_goes_as_a_variable_and_wins() {
+        let mut f = fields();
+        f.metadata.insert("pg_email_id".into(), serde_json::json!("mine"));
+        let r = Mailgun.request(&config("key-1", Some("mg.example.org"), &[]), &outgoing(), &f).unwrap();
+        let Body::Form(form) = r.body else { panic!("not a form") };
+        let vars: Vec<(String, FormValue)> = form.into_iter().filter(|(k, _)| k.starts_with("v:")).collect();
+        assert_eq!(vars, [text("v:n", "7"), text("v:order", "\"42\""), text("v:pg_email_id", "1001")]);
     }
 
     #[test]

@@ -37,6 +37,15 @@ pub fn by_scheme(scheme: &str) -> Option<&'static dyn Provider> {
 /// DSN options, by name.
 pub type Options = BTreeMap<String, String>;
 
+/// The key our message id (`email.messages.id`) is sent under as custom data: SendGrid
+/// `custom_args`, Postmark `Metadata`, Mailgun `v:` variables, Resend and SES tags. Providers echo
+/// it in their webhook events, which are matched back to the message by it first.
+///
+/// Ours wins: a user's own metadata entry (or, for Resend and SES, tag) under this key is left out
+/// of the request, since the user's value would match the provider's events to another message or
+/// to none.
+pub const ID_KEY: &str = "pg_email_id";
+
 /// Which part of `scheme://USER:SECRET@host` holds the provider's secret. That part is shown as
 /// `***` in `email.transports` and scrubbed from every reply; the other part is shown as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +86,9 @@ pub trait Provider: Sync {
     fn check_dsn(&self, u: Userinfo<'_>, options: &mut Options) -> Result<(), String>;
     /// The public endpoint `@default` stands for, as `host`.
     fn default_host(&self, options: &Options) -> String;
-    /// The send request for one message (`m` carries the MIME bytes, `f` the same message as
-    /// fields). An error is a permanent failure of this message.
+    /// The send request for one message (`m` carries the MIME bytes and the message id, `f` the
+    /// same message as fields). The request carries `m.id` as custom data under [`ID_KEY`]. An
+    /// error is a permanent failure of this message.
     fn request(&self, c: &Config, m: &Outgoing, f: &Fields) -> Result<Request, String>;
     /// Reads the answer to a request. Use [`answer`], which also turns a refusal of only some
     /// recipients into a retry for the others.
@@ -145,6 +155,14 @@ impl Fields {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
             .collect()
+    }
+
+    /// [`Fields::metadata_strings`] followed by our message id `id` under [`ID_KEY`]. A user's own
+    /// entry under that key is left out: ours wins (see [`ID_KEY`]).
+    pub fn metadata_with_id(&self, id: i64) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self.metadata_strings().into_iter().filter(|(k, _)| k != ID_KEY).collect();
+        out.push((ID_KEY.to_string(), id.to_string()));
+        out
     }
 }
 

@@ -23,23 +23,29 @@ impl Provider for Postmark {
     }
 
     fn options(&self) -> &'static [&'static str] {
-        &["message_stream"]
+        &["message_stream", "webhook_user", "webhook_password"]
+    }
+
+    fn secret_options(&self) -> &'static [&'static str] {
+        &["webhook_password"]
     }
 
     fn secret_in(&self) -> SecretIn {
         SecretIn::User
     }
 
-    fn check_dsn(&self, u: Userinfo<'_>, _: &mut Options) -> Result<(), String> {
-        one_key(self.name(), u)
+    fn check_dsn(&self, u: Userinfo<'_>, options: &mut Options) -> Result<(), String> {
+        one_key(self.name(), u)?;
+        // The webhook's HTTP Basic credentials, both or neither.
+        crate::webhook::Config::from_options(self.name(), options).map(|_| ())
     }
 
     fn default_host(&self, _: &Options) -> String {
         "api.postmarkapp.com".into()
     }
 
-    fn request(&self, c: &Config, _: &Outgoing, f: &Fields) -> Result<Request, String> {
-        request(c, f)
+    fn request(&self, c: &Config, m: &Outgoing, f: &Fields) -> Result<Request, String> {
+        request(c, m.id, f)
     }
 
     fn answer(&self, a: &Answer<'_>, f: &Fields) -> Delivery {
@@ -52,7 +58,8 @@ fn list(v: &[Mailbox]) -> String {
     v.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-fn request(c: &Config, f: &Fields) -> Result<Request, String> {
+/// The request for message `id`.
+fn request(c: &Config, id: i64, f: &Fields) -> Result<Request, String> {
     let from = f.from.as_ref().ok_or("no sender")?;
     let mut b = Map::new();
     b.insert("From".into(), json!(from.to_string()));
@@ -94,10 +101,9 @@ fn request(c: &Config, f: &Fields) -> Result<Request, String> {
             .collect();
         b.insert("Attachments".into(), atts.into());
     }
-    if !f.metadata.is_empty() {
-        let metadata: Map<String, Value> = f.metadata_strings().into_iter().map(|(k, v)| (k, json!(v))).collect();
-        b.insert("Metadata".into(), metadata.into());
-    }
+    // String values only; our message id always goes, and wins over a user's `pg_email_id`.
+    let metadata: Map<String, Value> = f.metadata_with_id(id).into_iter().map(|(k, v)| (k, json!(v))).collect();
+    b.insert("Metadata".into(), metadata.into());
     let stream = c.options.get("message_stream").cloned().unwrap_or_else(|| "outbound".into());
     b.insert("MessageStream".into(), json!(stream));
     Ok(Request {
@@ -136,7 +142,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::super::testing::{answer, config, error_reply, header, json_of, refusal, request};
+    use super::super::testing::{answer, config, error_reply, fields, header, json_of, outgoing, refusal, request};
     use super::*;
 
     #[test]
@@ -161,12 +167,24 @@ mod tests {
                     {"Name": "a.txt", "Content": "aGVsbG8=", "ContentType": "text/plain"},
                     {"Name": "logo.png", "Content": "AQID", "ContentType": "image/png", "ContentID": "cid:logo"},
                 ],
-                "Metadata": {"order": "42", "n": "7"},
+                "Metadata": {"order": "42", "n": "7", "pg_email_id": "1001"},
                 "MessageStream": "outbound",
             })
         );
         let r = request(&Postmark, &config("pm-token", None, &[("message_stream", "broadcast")]));
         assert_eq!(json_of(&r)["MessageStream"], "broadcast");
+    }
+
+    #[test]
+    fn our_message_id_goes_in_metadata_and_wins() {
+        let c = config("pm-token", None, &[]);
+        let mut f = fields();
+        f.metadata.insert("pg_email_id".into(), json!(5));
+        let r = Postmark.request(&c, &outgoing(), &f).unwrap();
+        assert_eq!(json_of(&r)["Metadata"], json!({"order": "42", "n": "7", "pg_email_id": "1001"}));
+        f.metadata.clear();
+        let r = Postmark.request(&c, &outgoing(), &f).unwrap();
+        assert_eq!(json_of(&r)["Metadata"], json!({"pg_email_id": "1001"}));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::super::rate::fnv1a;
 use super::super::{Delivery, Outgoing};
-use super::common::{accepted, b64, classify, json_body, named_in, one_key, or_body, refused, tag_safe};
+use super::common::{accepted, b64, classify, json_body, named_in, one_key, or_body, refused, tag_pairs};
 use super::{Answer, Body, Config, Fields, Options, Provider, Request, SecretIn, Userinfo};
 
 pub struct Resend;
@@ -22,23 +22,29 @@ impl Provider for Resend {
     }
 
     fn options(&self) -> &'static [&'static str] {
-        &[]
+        &["webhook_secret"]
+    }
+
+    fn secret_options(&self) -> &'static [&'static str] {
+        &["webhook_secret"]
     }
 
     fn secret_in(&self) -> SecretIn {
         SecretIn::User
     }
 
-    fn check_dsn(&self, u: Userinfo<'_>, _: &mut Options) -> Result<(), String> {
-        one_key(self.name(), u)
+    fn check_dsn(&self, u: Userinfo<'_>, options: &mut Options) -> Result<(), String> {
+        one_key(self.name(), u)?;
+        // The webhook's `whsec_` signing secrets.
+        crate::webhook::Config::from_options(self.name(), options).map(|_| ())
     }
 
     fn default_host(&self, _: &Options) -> String {
         "api.resend.com".into()
     }
 
-    fn request(&self, c: &Config, _: &Outgoing, f: &Fields) -> Result<Request, String> {
-        request(c, f)
+    fn request(&self, c: &Config, m: &Outgoing, f: &Fields) -> Result<Request, String> {
+        request(c, m.id, f)
     }
 
     fn answer(&self, a: &Answer<'_>, f: &Fields) -> Delivery {
@@ -56,7 +62,8 @@ fn idempotency_key(f: &Fields) -> String {
     format!("{id}-{h:016x}")
 }
 
-fn request(c: &Config, f: &Fields) -> Result<Request, String> {
+/// The request for message `id`.
+fn request(c: &Config, id: i64, f: &Fields) -> Result<Request, String> {
     let from = f.from.as_ref().ok_or("no sender")?;
     let s = |v: &[Mailbox]| v.iter().map(|m| m.to_string()).collect::<Vec<_>>();
     let mut b = Map::new();
@@ -95,13 +102,9 @@ fn request(c: &Config, f: &Fields) -> Result<Request, String> {
             .collect();
         b.insert("attachments".into(), atts.into());
     }
-    // Tags are name/value pairs of letters, digits, `_` and `-`: a tag becomes `name=true`, a
-    // metadata entry `key=value`.
-    let mut tags: Vec<Value> = f.tags.iter().map(|t| json!({"name": tag_safe(t), "value": "true"})).collect();
-    tags.extend(f.metadata_strings().iter().map(|(k, v)| json!({"name": tag_safe(k), "value": tag_safe(v)})));
-    if !tags.is_empty() {
-        b.insert("tags".into(), tags.into());
-    }
+    // Tags and metadata, then our message id, which wins over a user's `pg_email_id`.
+    let tags: Vec<Value> = tag_pairs(f, id).into_iter().map(|(n, v)| json!({"name": n, "value": v})).collect();
+    b.insert("tags".into(), tags.into());
     Ok(Request {
         path: "/emails".into(),
         headers: vec![
@@ -141,7 +144,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::super::testing::{answer, config, error_reply, fields, header, json_of, refusal, request};
+    use super::super::testing::{answer, config, error_reply, fields, header, json_of, outgoing, refusal, request};
     use super::*;
 
     #[test]
@@ -170,9 +173,29 @@ mod tests {
                     {"name": "welcome", "value": "true"},
                     {"name": "n", "value": "7"},
                     {"name": "order", "value": "42"},
+                    {"name": "pg_email_id", "value": "1001"},
                 ],
             })
         );
+    }
+
+    #[test]
+    fn our_message_id_goes_in_tags_and_wins() {
+        let c = config("re_key", None, &[]);
+        let mut f = fields();
+        f.tags.push("pg_email_id".into());
+        f.metadata.insert("pg_email_id".into(), json!("mine"));
+        let r = Resend.request(&c, &outgoing(), &f).unwrap();
+        let tags = json!([
+            {"name": "welcome", "value": "true"},
+            {"name": "n", "value": "7"},
+            {"name": "order", "value": "42"},
+            {"name": "pg_email_id", "value": "1001"},
+        ]);
+        assert_eq!(json_of(&r)["tags"], tags);
+        let f = Fields { tags: vec![], metadata: Map::new(), ..fields() };
+        let r = Resend.request(&c, &outgoing(), &f).unwrap();
+        assert_eq!(json_of(&r)["tags"], json!([{"name": "pg_email_id", "value": "1001"}]));
     }
 
     #[test]

@@ -21,7 +21,7 @@ impl Provider for SendGrid {
     }
 
     fn options(&self) -> &'static [&'static str] {
-        &["region", "sandbox"]
+        &["region", "sandbox", "webhook_key"]
     }
 
     fn secret_in(&self) -> SecretIn {
@@ -31,9 +31,11 @@ impl Provider for SendGrid {
     fn check_dsn(&self, u: Userinfo<'_>, options: &mut Options) -> Result<(), String> {
         one_key(self.name(), u)?;
         match options.get("sandbox").map(String::as_str) {
-            None | Some("true" | "false") => Ok(()),
-            Some(v) => Err(format!("option sandbox=\"{v}\" must be true or false")),
+            None | Some("true" | "false") => {}
+            Some(v) => return Err(format!("option sandbox=\"{v}\" must be true or false")),
         }
+        // The event webhook's public key (not a secret).
+        crate::webhook::Config::from_options(self.name(), options).map(|_| ())
     }
 
     fn default_host(&self, options: &Options) -> String {
@@ -43,8 +45,8 @@ impl Provider for SendGrid {
         }
     }
 
-    fn request(&self, c: &Config, _: &Outgoing, f: &Fields) -> Result<Request, String> {
-        request(c, f)
+    fn request(&self, c: &Config, m: &Outgoing, f: &Fields) -> Result<Request, String> {
+        request(c, m.id, f)
     }
 
     fn answer(&self, a: &Answer<'_>, f: &Fields) -> Delivery {
@@ -60,7 +62,8 @@ fn addr(m: &Mailbox) -> Value {
     }
 }
 
-fn request(c: &Config, f: &Fields) -> Result<Request, String> {
+/// The request for message `id`.
+fn request(c: &Config, id: i64, f: &Fields) -> Result<Request, String> {
     let from = f.from.as_ref().ok_or("no sender")?;
     let mut p = Map::new();
     p.insert("to".into(), f.to.iter().map(addr).collect());
@@ -104,10 +107,9 @@ fn request(c: &Config, f: &Fields) -> Result<Request, String> {
         // SendGrid takes at most 10 categories.
         body.insert("categories".into(), f.tags.iter().take(10).cloned().collect());
     }
-    if !f.metadata.is_empty() {
-        let args: Map<String, Value> = f.metadata_strings().into_iter().map(|(k, v)| (k, json!(v))).collect();
-        body.insert("custom_args".into(), args.into());
-    }
+    // String values only; our message id always goes, and wins over a user's `pg_email_id`.
+    let args: Map<String, Value> = f.metadata_with_id(id).into_iter().map(|(k, v)| (k, json!(v))).collect();
+    body.insert("custom_args".into(), args.into());
     if c.options.get("sandbox").map(String::as_str) == Some("true") {
         body.insert("mail_settings".into(), json!({"sandbox_mode": {"enable": true}}));
     }
@@ -156,7 +158,7 @@ mod tests {
 
     use serde_json::json;
 
-    use super::super::testing::{answer, config, error_reply, header, json_of, refusal, request};
+    use super::super::testing::{answer, config, error_reply, fields, header, json_of, outgoing, refusal, request};
     use super::*;
 
     #[test]
@@ -181,9 +183,21 @@ mod tests {
                     {"content": "AQID", "type": "image/png", "filename": "logo.png", "disposition": "inline", "content_id": "logo"},
                 ],
                 "categories": ["welcome"],
-                "custom_args": {"order": "42", "n": "7"},
+                "custom_args": {"order": "42", "n": "7", "pg_email_id": "1001"},
             })
         );
+    }
+
+    #[test]
+    fn our_message_id_goes_in_custom_args_and_wins() {
+        let c = config("SG.key", None, &[]);
+        let mut f = fields();
+        f.metadata.insert("pg_email_id".into(), json!("mine"));
+        let r = SendGrid.request(&c, &outgoing(), &f).unwrap();
+        assert_eq!(json_of(&r)["custom_args"], json!({"order": "42", "n": "7", "pg_email_id": "1001"}));
+        f.metadata.clear();
+        let r = SendGrid.request(&c, &outgoing(), &f).unwrap();
+        assert_eq!(json_of(&r)["custom_args"], json!({"pg_email_id": "1001"}));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use lettre::message::Mailbox;
 use serde_json::{json, Map, Value};
 
 use super::super::{Delivery, Outgoing};
-use super::common::{accepted, b64, classify, json_body, named_in, or_body, refused, tag_safe};
+use super::common::{accepted, b64, classify, json_body, named_in, or_body, refused, tag_pairs};
 use super::{Answer, Body, Config, Fields, Options, Provider, Request, SecretIn, Userinfo};
 
 pub struct Ses;
@@ -31,7 +31,7 @@ impl Provider for Ses {
     }
 
     fn options(&self) -> &'static [&'static str] {
-        &["region", "session_token", "configuration_set"]
+        &["region", "session_token", "configuration_set", "sns_topic_arn", "sns_url_prefix", "sns_cert_pem"]
     }
 
     fn secret_in(&self) -> SecretIn {
@@ -51,7 +51,8 @@ impl Provider for Ses {
         if region.is_empty() || !region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(format!("option region=\"{region}\" is not an AWS region name such as eu-west-1"));
         }
-        Ok(())
+        // The SNS topic events come from, and where its certificates may be fetched.
+        crate::webhook::Config::from_options(self.name(), options).map(|_| ())
     }
 
     fn default_host(&self, options: &Options) -> String {
@@ -86,11 +87,9 @@ fn request(c: &Config, m: &Outgoing, f: &Fields, now: SystemTime) -> Result<Requ
         body.insert("ReplyToAddresses".into(), json!(f.reply_to.iter().map(|m| m.to_string()).collect::<Vec<_>>()));
     }
     body.insert("Content".into(), json!({"Raw": {"Data": b64(&m.raw)}}));
-    let mut tags: Vec<Value> = f.tags.iter().map(|t| json!({"Name": tag_safe(t), "Value": "true"})).collect();
-    tags.extend(f.metadata_strings().iter().map(|(k, v)| json!({"Name": tag_safe(k), "Value": tag_safe(v)})));
-    if !tags.is_empty() {
-        body.insert("EmailTags".into(), tags.into());
-    }
+    // Tags and metadata, then our message id, which wins over a user's `pg_email_id`.
+    let tags: Vec<Value> = tag_pairs(f, m.id).into_iter().map(|(n, v)| json!({"Name": n, "Value": v})).collect();
+    body.insert("EmailTags".into(), tags.into());
     if let Some(cs) = c.options.get("configuration_set") {
         body.insert("ConfigurationSetName".into(), json!(cs));
     }
@@ -193,6 +192,7 @@ mod tests {
                     {"Name": "welcome", "Value": "true"},
                     {"Name": "n", "Value": "7"},
                     {"Name": "order", "Value": "42"},
+                    {"Name": "pg_email_id", "Value": "1001"},
                 ],
             })
         );
@@ -201,8 +201,22 @@ mod tests {
             auth,
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20240102/eu-west-1/ses/aws4_request, \
              SignedHeaders=content-type;host;x-amz-date, \
-             Signature=741a2edc06b4313f42e255c93e405ca530fce96d5ed51a3392e1492d669d6404"
+             Signature=ffb9f80f062b34304babc9f4035838888934311f0dd3915a941c38db575eda10"
         );
+    }
+
+    #[test]
+    fn our_message_id_goes_in_email_tags_and_wins() {
+        let mut f = fields();
+        f.metadata.insert("pg_email_id".into(), json!(5));
+        let r = request(&config_eu(&[]), &outgoing(), &f, at()).unwrap();
+        let tags = json!([
+            {"Name": "welcome", "Value": "true"},
+            {"Name": "n", "Value": "7"},
+            {"Name": "order", "Value": "42"},
+            {"Name": "pg_email_id", "Value": "1001"},
+        ]);
+        assert_eq!(json_of(&r)["EmailTags"], tags);
     }
 
     #[test]

@@ -52,9 +52,10 @@ pub fn fields() -> Fields {
 /// The MIME bytes the SES request carries.
 pub const RAW: &[u8] = b"From: shop@example.org\r\nSubject: Your order\r\n\r\nThanks\r\n";
 
+/// Message id 1001 (`email.messages.id`), sent to providers as `pg_email_id`.
 pub fn outgoing() -> Outgoing {
     Outgoing {
-        id: 1,
+        id: 1001,
         attempt: 1,
         from: "shop@example.org".parse().unwrap(),
         to: vec!["ann@example.net".parse().unwrap()],

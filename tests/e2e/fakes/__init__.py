@@ -28,10 +28,15 @@ Each recorded request is a dict:
     method, path, query ({name: [values]}), headers ({lower-case name: value}), body (bytes),
     json (parsed JSON or None), form ({field: [str values]} or None, Mailgun),
     files ([{field, filename, content_type, content}], Mailgun), mime (email.message.EmailMessage
-    for SES Raw content, else None), status (int answered), response (dict/list answered as JSON,
-    or bytes), response_headers (dict), at (time.monotonic() on arrival)
+    for SES Raw content, else None), pg_email_id (int or None, below), status (int answered),
+    response (dict/list answered as JSON, or bytes), response_headers (dict), at (time.monotonic()
+    on arrival)
 
-and, where they apply: message_id (the id answered on success), rejected_address (reject_address
+pg_email_id is the message id pg_email sends as custom data under the key pg_email_id (SendGrid
+custom_args, Postmark Metadata, Mailgun v:pg_email_id, Resend tags, SES EmailTags; read from a
+request whose shape was accepted): an int, None when the request carries none.
+
+And, where they apply: message_id (the id answered on success), rejected_address (reject_address
 hit), idempotent_replay (Resend: same Idempotency-Key and body, answered with the first id and not
 added to `accepted`), sigv4 (SES: canonical_request, string_to_sign, expected and given signature,
 to debug a refusal), raw_query and _raw_headers (as received).

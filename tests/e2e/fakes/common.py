@@ -167,6 +167,20 @@ def has_crlf(s):
     return isinstance(s, str) and ("\r" in s or "\n" in s)
 
 
+# The key pg_email sends its message id (email.messages.id) under as custom data: SendGrid
+# custom_args, Postmark Metadata, Mailgun v:pg_email_id, Resend tags and SES EmailTags.
+ID_KEY = "pg_email_id"
+
+
+def echoed_id(value):
+    """The message id as found in a request's custom data, recorded as rec["pg_email_id"]: an int
+    when it is a decimal integer (a string, or a JSON number for Mailgun), else the value as it
+    came, so that a wrong value shows in a comparison; None when absent."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    return value
+
+
 def retry_headers(retry_after):
     return {"Retry-After": retry_after} if retry_after is not None else {}
 

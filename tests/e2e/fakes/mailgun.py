@@ -7,12 +7,13 @@ import email.message
 import email.parser
 import email.policy
 import email.utils
+import json
 import re
 import secrets
 import urllib.parse
 
-from .common import (Provider, Reply, has_crlf, mailbox, mailbox_list, mime_type, reason,
-    retry_headers)
+from .common import (ID_KEY, Provider, Reply, echoed_id, has_crlf, mailbox, mailbox_list, mime_type,
+    reason, retry_headers)
 
 
 def _parse_multipart(body, boundary):
@@ -124,7 +125,15 @@ class Mailgun(Provider):
                 raise self.err(400, f"Parameter '{name}' is not valid {charset} text.")
             form.setdefault(name, []).append(value)
         rec["form"], rec["files"] = form, files
-        return self.validate_form(form, files)
+        recipients = self.validate_form(form, files)
+        # v: variables are JSON (pg_email sends its id as a number); the last value if repeated
+        values = form.get("v:" + ID_KEY)
+        if values:
+            try:
+                rec["pg_email_id"] = echoed_id(json.loads(values[-1]))
+            except ValueError:
+                rec["pg_email_id"] = values[-1]
+        return recipients
 
     def validate_form(self, form, files):
         for name in form:

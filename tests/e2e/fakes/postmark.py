@@ -4,8 +4,8 @@ not implemented: /email/batch is answered 404 like any other unknown path."""
 import datetime
 import uuid
 
-from .common import (Provider, Reply, b64, has_crlf, is_name_value, load_json, mailbox, mailbox_list,
-    mime_type, reason, retry_headers)
+from .common import (ID_KEY, Provider, Reply, b64, echoed_id, has_crlf, is_name_value, load_json, mailbox,
+    mailbox_list, mime_type, reason, retry_headers)
 
 
 class Postmark(Provider):
@@ -36,7 +36,9 @@ class Postmark(Provider):
             raise self.bad("The 'Content-Type' header must be 'application/json'.")
         if not ok:
             raise self.err(422, 402, "Received invalid JSON input.")
-        return self.validate_message(body)
+        recipients = self.validate_message(body)
+        rec["pg_email_id"] = echoed_id((body.get("Metadata") or {}).get(ID_KEY))
+        return recipients
 
     def validate_message(self, m):
         if not isinstance(m, dict):

@@ -4,8 +4,8 @@ import json
 import re
 import uuid
 
-from .common import (Provider, Reply, b64, has_crlf, load_json, mailbox, mime_type, retry_headers,
-    retry_seconds)
+from .common import (ID_KEY, Provider, Reply, b64, echoed_id, has_crlf, load_json, mailbox, mime_type,
+    retry_headers, retry_seconds)
 
 
 class Resend(Provider):
@@ -123,6 +123,7 @@ class Resend(Provider):
                     raise self.bad("Tags should only contain ASCII letters (a–z, A–Z), numbers (0–9), "
                                    "underscores (_), or dashes (-). It can contain no more than 256 "
                                    "characters.")
+        rec["pg_email_id"] = echoed_id(next((t.get("value") for t in tags or [] if t["name"] == ID_KEY), None))
         return recipients
 
     def idempotency(self, rec):

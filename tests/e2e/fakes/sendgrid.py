@@ -4,8 +4,8 @@ import json
 import secrets
 import time
 
-from .common import (Provider, Reply, b64, has_crlf, is_email, load_json, mime_type, reason,
-    retry_headers, retry_seconds)
+from .common import (ID_KEY, Provider, Reply, b64, echoed_id, has_crlf, is_email, load_json, mime_type,
+    reason, retry_headers, retry_seconds)
 
 
 class SendGrid(Provider):
@@ -44,7 +44,13 @@ class SendGrid(Provider):
             raise self.err(400, "Content-Type should be application/json.")
         if not ok or not isinstance(body, dict):
             raise self.err(400, "Bad Request")
-        return self.validate_body(body)
+        recipients = self.validate_body(body)
+        # pg_email's message id: the message's custom_args, overridden by the first
+        # personalization's (SendGrid merges them that way)
+        args = dict(body.get("custom_args") or {})
+        args.update(body["personalizations"][0].get("custom_args") or {})
+        rec["pg_email_id"] = echoed_id(args.get(ID_KEY))
+        return recipients
 
     def email_obj(self, obj, field, what="email"):
         if not isinstance(obj, dict):

@@ -108,7 +108,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "method": self.command, "path": split.path,
             "query": urllib.parse.parse_qs(split.query, keep_blank_values=True),
             "headers": headers, "body": body, "json": None, "form": None, "files": [],
-            "mime": None, "status": None, "response": None, "response_headers": {}, "at": at,
+            "mime": None, "pg_email_id": None, "status": None, "response": None,
+            "response_headers": {}, "at": at,
             "raw_query": split.query, "_raw_headers": raw_pairs,
         }
         # once recorded with a status, the answer is written even if set_down() came meanwhile

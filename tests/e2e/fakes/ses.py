@@ -11,8 +11,8 @@ import secrets
 import urllib.parse
 import uuid
 
-from .common import (Provider, Reply, b64, has_crlf, is_name_value, load_json, mailbox, mime_type,
-    reason, retry_headers, split_list)
+from .common import (ID_KEY, Provider, Reply, b64, echoed_id, has_crlf, is_name_value, load_json, mailbox,
+    mime_type, reason, retry_headers, split_list)
 
 
 class SES(Provider):
@@ -249,6 +249,7 @@ class SES(Provider):
                         or not self.TAG_RE.match(t["Name"]) or not self.TAG_RE.match(t["Value"])):
                     raise self.bad("Tag names and values may only contain ASCII letters, numbers, "
                                    "underscores and dashes, at most 256 characters.")
+        rec["pg_email_id"] = echoed_id(next((t["Value"] for t in tags or [] if t["Name"] == ID_KEY), None))
         if b.get("ConfigurationSetName") is not None and (
                 not isinstance(b["ConfigurationSetName"], str) or not b["ConfigurationSetName"]):
             raise self.bad("ConfigurationSetName must be a non-empty string.")

@@ -1,0 +1,2 @@
+-- SNS signing certificates fetched earlier, by URL.
+SELECT url, pem FROM email.sns_certificates

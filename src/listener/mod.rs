@@ -1,0 +1,460 @@
+//! The listener worker: one background process that accepts HTTP (provider webhooks, open and
+//! click tracking, unsubscribe) when `pg_email.listen_address` is set. `init` registers it from
+//! `_PG_init` in the postmaster. Its main thread drives a current-thread tokio runtime (hyper
+//! HTTP/1.1, see `http`) in bounded slices with signals blocked, and between slices runs one
+//! short transaction for everything the handlers queued; only then are the waiting webhook and
+//! unsubscribe requests answered. Postgres is only ever called from the main thread.
+
+pub mod http;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use self::http::{Answer, Job, State};
+use crate::bgw::{block_signals, now_ts, restore_signals};
+use crate::shmem::{self, WorkerState};
+use crate::{gucs, tracking, webhook};
+
+const SESSION: &str = include_str!("../../sql/listener/session.sql");
+const TRANSPORTS: &str = include_str!("../../sql/listener/transports.sql");
+const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
+const SNS_CERTIFICATES: &str = include_str!("../../sql/listener/sns_certificates.sql");
+const SAVE_CERTIFICATE: &str = include_str!("../../sql/listener/save_certificate.sql");
+const RECORD: &str = include_str!("../../sql/listener/record.sql");
+const LOOKUP: &str = include_str!("../../sql/listener/lookup.sql");
+const EXTENSION_VERSION: &str = include_str!("../../sql/worker/extension_version.sql");
+
+/// The extension version this library implements; the listener serves only a schema of it.
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Most open connections; beyond it new ones wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 512;
+/// Longest slice of HTTP work between two looks at signals and the queue.
+const SLICE: Duration = Duration::from_millis(50);
+/// Once something is queued, how long the slice goes on gathering more for the same transaction.
+const GATHER: Duration = Duration::from_millis(2);
+/// Most event rows stored per transaction.
+const MAX_BATCH_ROWS: usize = 2000;
+/// How often the configuration is read again without a change signal.
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// Called from `_PG_init`: registers the listener when `pg_email.listen_address` is set.
+pub fn init() {
+    if gucs::listen_address().is_none() {
+        return;
+    }
+    BackgroundWorkerBuilder::new("pg_email listener")
+        .set_type("pg_email listener")
+        .set_library("pg_email")
+        .set_function("pg_email_listener_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(2)))
+        .load();
+}
+
+type Connection = Pin<Box<dyn Future<Output = ()>>>;
+
+fn slot() -> Option<&'static shmem::Slot> {
+    shmem::shared().map(|s| &s.listener)
+}
+
+fn set_state(state: WorkerState, activity: &str) {
+    if let Some(s) = slot() {
+        if s.state() == Some(state) {
+            return;
+        }
+        s.set_state(state);
+    }
+    if let Ok(c) = std::ffi::CString::new(format!("pg_email listener: {activity}")) {
+        // SAFETY: called on the main thread with a valid NUL-terminated string, which pgstat
+        // copies into shared memory.
+        unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, c.as_ptr()) };
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_email_listener_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    if let Some(s) = slot() {
+        // SAFETY: MyProcPid is set by Postgres before a background worker's main function runs.
+        s.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+        s.started_at.store(now_ts(), Ordering::Relaxed);
+        s.set_state(WorkerState::Starting);
+    }
+    let rt = match crate::bgw::runtime() {
+        Ok(rt) => rt,
+        Err(e) => pgrx::error!("pg_email listener: cannot start its runtime: {e}"),
+    };
+    let address = gucs::listen_address().unwrap_or_default();
+    let state = match State::new() {
+        Ok(s) => Rc::new(s),
+        Err(e) => pgrx::error!("pg_email listener: cannot start its HTTP client: {e}"),
+    };
+    let mut l = Listener { rt, state, generation: u64::MAX, loaded_at: None };
+    l.run(&address);
+    if let Some(s) = slot() {
+        s.pid.store(0, Ordering::Relaxed);
+        s.in_flight.store(0, Ordering::Relaxed);
+        s.set_state(WorkerState::Stopped);
+    }
+    log!("pg_email listener stopped");
+    // SAFETY: proc_exit runs Postgres' exit callbacks and never returns. Exit code 1: the
+    // postmaster starts the listener again after its restart time, unless the server is stopping.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+struct Listener {
+    rt: tokio::runtime::Runtime,
+    state: Rc<State>,
+    /// The configuration generation the settings were read at.
+    generation: u64,
+    loaded_at: Option<Instant>,
+}
+
+impl Listener {
+    /// Waits on the latch; false when the worker must stop.
+    fn wait(&self, timeout: Duration) -> bool {
+        let alive = BackgroundWorker::wait_latch(Some(timeout));
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reading the configuration file on the main thread outside any
+            // transaction is what Postgres' own processes do on SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        alive
+    }
+
+    fn run(&mut self, address: &str) {
+        let addr: SocketAddr = match address.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                warning!(
+                    "pg_email listener: pg_email.listen_address = \"{address}\" is not host:port \
+                     (for example 127.0.0.1:8025); the listener does not start"
+                );
+                set_state(WorkerState::Stopped, "pg_email.listen_address is invalid");
+                while self.wait(Duration::from_secs(3600)) {}
+                return;
+            }
+        };
+        // Wait until the extension exists in the database, at this library's version.
+        let mut told = None;
+        loop {
+            let installed = BackgroundWorker::transaction(|| Spi::get_one::<String>(EXTENSION_VERSION).ok().flatten());
+            if installed.as_deref() == Some(LIBRARY_VERSION) {
+                break;
+            }
+            if installed.is_some() && told != installed {
+                log!(
+                    "pg_email listener: waiting for ALTER EXTENSION pg_email UPDATE (installed {}, library \
+                     {LIBRARY_VERSION})",
+                    installed.as_deref().unwrap_or("")
+                );
+                told = installed.clone();
+            }
+            set_state(WorkerState::WaitingForDatabase, "waiting for the extension");
+            if !self.wait(Duration::from_secs(1)) {
+                return;
+            }
+        }
+        BackgroundWorker::transaction(|| {
+            if let Err(e) = Spi::run(SESSION) {
+                warning!("pg_email listener: session settings failed: {e}");
+            }
+        });
+        self.reload();
+
+        // Bind, retrying while the address is still taken (a restart right after a crash).
+        let mut backoff = Duration::from_millis(100);
+        let listener = loop {
+            let old = block_signals();
+            let bound = self.rt.block_on(bind(addr));
+            restore_signals(old);
+            match bound {
+                Ok(l) => break l,
+                Err(e) => {
+                    warning!("pg_email listener: cannot listen on {addr}: {e}; trying again");
+                    if !self.wait(backoff) {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        log!("pg_email listener accepting HTTP on {addr} for database \"{}\"", gucs::database());
+        set_state(WorkerState::Listening, &format!("listening on {addr}"));
+
+        let mut connections: FuturesUnordered<Connection> = FuturesUnordered::new();
+        loop {
+            self.drive(&listener, &mut connections);
+            if !self.wait(Duration::ZERO) {
+                break;
+            }
+            if shmem::config_generation() != self.generation
+                || self.loaded_at.is_none_or(|t| t.elapsed() >= RELOAD_EVERY)
+            {
+                self.reload();
+            }
+            self.store();
+            self.flush_logs();
+            if let Some(s) = slot() {
+                s.in_flight.store(self.state.open_connections.get() as u32, Ordering::Relaxed);
+                s.failed.store(self.state.refused.get(), Ordering::Relaxed);
+            }
+        }
+        set_state(WorkerState::Stopping, "stopping");
+        // Store what was already queued, answer the rest, and let answers go out for a moment.
+        self.store();
+        drop(listener);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let old = block_signals();
+        self.rt.block_on(async {
+            let _ =
+                tokio::time::timeout_at(deadline.into(), async { while connections.next().await.is_some() {} }).await;
+        });
+        restore_signals(old);
+        for w in self.state.take(usize::MAX) {
+            if let Some(r) = w.reply {
+                let _ = r.send(Answer::Failed);
+            }
+        }
+    }
+
+    /// One slice of HTTP work: accept, serve, and return once something is queued (after a short
+    /// gathering window) or the slice is over.
+    fn drive(&self, listener: &tokio::net::TcpListener, connections: &mut FuturesUnordered<Connection>) {
+        let state = &self.state;
+        let old = block_signals();
+        self.rt.block_on(async {
+            let mut deadline = tokio::time::Instant::now() + SLICE;
+            if !state.queue.borrow().is_empty() {
+                return;
+            }
+            loop {
+                let room = connections.len() < MAX_CONNECTIONS;
+                tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = state.wake.notified() => {
+                        deadline = deadline.min(tokio::time::Instant::now() + GATHER);
+                    }
+                    accepted = listener.accept(), if room => match accepted {
+                        Ok((stream, peer)) => connections.push(serve(state.clone(), stream, peer)),
+                        // Out of file descriptors, say: let connections finish for a moment
+                        // instead of spinning on the error.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    Some(()) = connections.next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        restore_signals(old);
+    }
+
+    /// Runs everything queued in one transaction (each piece in a subtransaction, so that one
+    /// failure fails only its own requests), then answers the requests that waited for it.
+    fn store(&self) {
+        loop {
+            let (work, replies): (Vec<Job>, Vec<_>) =
+                self.state.take(MAX_BATCH_ROWS).into_iter().map(|w| (w.job, w.reply)).unzip();
+            if work.is_empty() {
+                return;
+            }
+            let answers = BackgroundWorker::transaction(|| {
+                let mut answers = Vec::with_capacity(work.len());
+                // The event rows of every request, in one statement; should it fail, each request
+                // on its own.
+                let rows: Vec<&serde_json::Value> = work
+                    .iter()
+                    .filter_map(|job| match job {
+                        Job::Record(r) => Some(r.iter()),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                let together = if rows.is_empty() {
+                    Ok(0)
+                } else {
+                    crate::subxact::run(|| record(serde_json::Value::Array(rows.into_iter().cloned().collect())))
+                };
+                if let Err(e) = &together {
+                    warning!("pg_email listener: storing a batch of events failed: {e}; storing one request at a time");
+                }
+                for job in &work {
+                    let answer = match job {
+                        Job::Record(r) => match &together {
+                            Ok(_) => Answer::Stored(r.len() as i64),
+                            Err(_) => match crate::subxact::run(|| record(serde_json::Value::Array(r.clone()))) {
+                                Ok(n) => Answer::Stored(n),
+                                Err(e) => {
+                                    warning!("pg_email listener: storing events failed: {e}");
+                                    Answer::Failed
+                                }
+                            },
+                        },
+                        Job::Lookup(id) => match crate::subxact::run(|| lookup(*id)) {
+                            Ok(found) => Answer::Found(found.map(|a| (a, None))),
+                            Err(e) => {
+                                warning!("pg_email listener: looking up message {id} failed: {e}");
+                                Answer::Failed
+                            }
+                        },
+                        Job::Certificate { url, pem } => {
+                            if let Err(e) = crate::subxact::run(|| save_certificate(url, pem)) {
+                                warning!("pg_email listener: keeping the SNS certificate failed: {e}");
+                            }
+                            Answer::Stored(0)
+                        }
+                    };
+                    answers.push(answer);
+                }
+                answers
+            });
+            self.state.healthy.set(true);
+            let mut stored = 0;
+            let mut failed = 0;
+            for ((job, reply), a) in work.iter().zip(replies).zip(answers) {
+                match (job, &a) {
+                    (Job::Record(r), Answer::Stored(_)) => stored += r.len() as u64,
+                    (_, Answer::Failed) => failed += 1,
+                    _ => {}
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(a);
+                }
+            }
+            if let Some(s) = slot() {
+                s.sent.fetch_add(stored, Ordering::Relaxed);
+                s.deferred.fetch_add(failed, Ordering::Relaxed);
+                s.last_activity.store(now_ts(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Reads the webhook settings of every transport, the tracking keys and the kept SNS
+    /// certificates.
+    fn reload(&mut self) {
+        let generation = shmem::config_generation();
+        let loaded = BackgroundWorker::transaction(|| {
+            crate::subxact::run(|| {
+                let mut webhooks = std::collections::HashMap::new();
+                let mut keys = Vec::new();
+                let mut certs = Vec::new();
+                Spi::connect(|client| {
+                    if let Ok(rows) = client.select(TRANSPORTS, None, &[]) {
+                        for row in rows {
+                            let name = row.get_by_name::<String, _>("name").ok().flatten().unwrap_or_default();
+                            let dsn = row.get_by_name::<String, _>("dsn").ok().flatten().unwrap_or_default();
+                            webhooks.insert(name, dsn);
+                        }
+                    }
+                    if let Ok(rows) = client.select(TRACKING_KEYS, None, &[]) {
+                        for row in rows {
+                            let kid = row.get_by_name::<i32, _>("kid").ok().flatten();
+                            let secret = row.get_by_name::<Vec<u8>, _>("secret").ok().flatten();
+                            if let (Some(k), Some(s)) = (kid, secret) {
+                                keys.push((k, s));
+                            }
+                        }
+                    }
+                    if let Ok(rows) = client.select(SNS_CERTIFICATES, None, &[]) {
+                        for row in rows {
+                            let url = row.get_by_name::<String, _>("url").ok().flatten();
+                            let pem = row.get_by_name::<String, _>("pem").ok().flatten();
+                            if let (Some(u), Some(p)) = (url, pem) {
+                                certs.push((u, p));
+                            }
+                        }
+                    }
+                });
+                (webhooks, keys, certs)
+            })
+        });
+        let (dsns, keys, certs) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                warning!("pg_email listener: reading its settings failed: {e}");
+                self.state.healthy.set(false);
+                return;
+            }
+        };
+        let mut webhooks = std::collections::HashMap::new();
+        for (name, dsn) in dsns {
+            let cfg =
+                crate::deliver::dsn::parse(&dsn).map_err(|e| e.to_string()).and_then(|d| webhook::Config::from_dsn(&d));
+            match cfg {
+                Ok(Some(c)) => {
+                    webhooks.insert(name, c);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warning!("pg_email listener: the webhook settings of transport \"{name}\" cannot be used: {e}")
+                }
+            }
+        }
+        *self.state.config.borrow_mut() = Rc::new(http::Config { webhooks, keys: tracking::Keys::new(keys) });
+        let mut cache = self.state.certs.borrow_mut();
+        for (url, pem) in certs {
+            cache.entry(url).or_insert_with(|| Rc::new(pem.into_bytes()));
+        }
+        self.state.healthy.set(true);
+        self.generation = generation;
+        self.loaded_at = Some(Instant::now());
+    }
+
+    fn flush_logs(&self) {
+        for line in self.state.logs.borrow_mut().drain(..) {
+            log!("{line}");
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Serves one connection until it closes (keep-alive, header timeout, no HTTP/2).
+fn serve(state: Rc<State>, stream: tokio::net::TcpStream, peer: SocketAddr) -> Connection {
+    let _ = stream.set_nodelay(true);
+    Box::pin(async move {
+        state.open_connections.set(state.open_connections.get() + 1);
+        let service_state = state.clone();
+        let service = hyper::service::service_fn(move |req| http::handle(service_state.clone(), peer, req));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .max_buf_size(64 * 1024)
+            .max_header_size(64 * 1024)
+            .keep_alive(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let _ = conn.await;
+        state.open_connections.set(state.open_connections.get().saturating_sub(1));
+    })
+}
+
+fn record(rows: serde_json::Value) -> i64 {
+    Spi::get_one_with_args::<i32>(RECORD, &[pgrx::JsonB(rows).into()])
+        .unwrap_or_else(|e| pgrx::error!("{e}"))
+        .unwrap_or(0) as i64
+}
+
+fn lookup(id: i64) -> Option<String> {
+    Spi::get_one_with_args::<String>(LOOKUP, &[id.into()]).ok().flatten()
+}
+
+fn save_certificate(url: &str, pem: &str) {
+    if let Err(e) = Spi::run_with_args(SAVE_CERTIFICATE, &[url.into(), pem.into()]) {
+        pgrx::error!("{e}");
+    }
+}
