@@ -310,22 +310,24 @@ BEGIN
             smtp_code integer, enhanced_code text, provider_code text, response text, url text,
             user_agent text, ip inet, machine boolean, at double precision, payload jsonb,
             single boolean, reason text)
-    ), matched AS (
-        SELECT ev.*, coalesce(
-            (SELECT m.id FROM email.messages m WHERE m.id = ev.pg_email_id),
-            (SELECT m.id FROM email.messages m
-             WHERE ev.provider_message_id IS NOT NULL AND m.provider_message_id = ev.provider_message_id
-             ORDER BY m.id DESC LIMIT 1),
-            (SELECT m.id FROM email.messages m
-             WHERE ev.rfc_message_id IS NOT NULL AND m.message_id = ev.rfc_message_id
-             ORDER BY m.id DESC LIMIT 1)) AS mid
-        FROM ev
     ), rows AS (
-        SELECT x.*, msg.sent_at,
-               CASE WHEN x.recipient IS NOT NULL THEN lower(x.recipient)
-                    WHEN x.single THEN email._address(coalesce(msg.recipients[1], msg.cc[1], msg.bcc[1]))
+        -- One lookup per event: the first branch that finds the message wins.
+        SELECT ev.*, m.id AS mid, m.sent_at,
+               CASE WHEN ev.recipient IS NOT NULL THEN lower(ev.recipient)
+                    WHEN ev.single THEN email._address(coalesce(m.recipients[1], m.cc[1], m.bcc[1]))
                END AS rcpt
-        FROM matched x LEFT JOIN email.messages msg ON msg.id = x.mid
+        FROM ev LEFT JOIN LATERAL (
+            (SELECT x.id, x.sent_at, x.recipients, x.cc, x.bcc FROM email.messages x WHERE x.id = ev.pg_email_id)
+            UNION ALL
+            (SELECT x.id, x.sent_at, x.recipients, x.cc, x.bcc FROM email.messages x
+             WHERE ev.provider_message_id IS NOT NULL AND x.provider_message_id = ev.provider_message_id
+             ORDER BY x.id DESC LIMIT 1)
+            UNION ALL
+            (SELECT x.id, x.sent_at, x.recipients, x.cc, x.bcc FROM email.messages x
+             WHERE ev.rfc_message_id IS NOT NULL AND x.message_id = ev.rfc_message_id
+             ORDER BY x.id DESC LIMIT 1)
+            LIMIT 1
+        ) m ON true
     ), ins AS (
         INSERT INTO email.receipts (message_id, at, event, transport, recipient, smtp_code, enhanced_code,
                                     provider_code, response, provider_message_id, source, bounce_type, url,

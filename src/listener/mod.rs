@@ -280,11 +280,7 @@ impl Listener {
                     })
                     .flatten()
                     .collect();
-                let together = if rows.is_empty() {
-                    Ok(0)
-                } else {
-                    crate::subxact::run(|| record(serde_json::Value::Array(rows.into_iter().cloned().collect())))
-                };
+                let together = if rows.is_empty() { Ok(0) } else { crate::subxact::run(|| record(&rows)) };
                 if let Err(e) = &together {
                     warning!("pg_email listener: storing a batch of events failed: {e}; storing one request at a time");
                 }
@@ -292,7 +288,7 @@ impl Listener {
                     let answer = match job {
                         Job::Record(r) => match &together {
                             Ok(_) => Answer::Stored(r.len() as i64),
-                            Err(_) => match crate::subxact::run(|| record(serde_json::Value::Array(r.clone()))) {
+                            Err(_) => match crate::subxact::run(|| record(&r.iter().collect::<Vec<_>>())) {
                                 Ok(n) => Answer::Stored(n),
                                 Err(e) => {
                                     warning!("pg_email listener: storing events failed: {e}");
@@ -443,10 +439,11 @@ fn serve(state: Rc<State>, stream: tokio::net::TcpStream, peer: SocketAddr) -> C
     })
 }
 
-fn record(rows: serde_json::Value) -> i64 {
-    Spi::get_one_with_args::<i32>(RECORD, &[pgrx::JsonB(rows).into()])
-        .unwrap_or_else(|e| pgrx::error!("{e}"))
-        .unwrap_or(0) as i64
+/// Stores rows through `email._record_events`, passed as JSON text (serialized once, no copy).
+fn record(rows: &[&serde_json::Value]) -> i64 {
+    let text = serde_json::to_string(rows).unwrap_or_else(|e| pgrx::error!("{e}"));
+    Spi::get_one_with_args::<i32>(RECORD, &[text.as_str().into()]).unwrap_or_else(|e| pgrx::error!("{e}")).unwrap_or(0)
+        as i64
 }
 
 fn lookup(id: i64) -> Option<String> {

@@ -61,6 +61,8 @@ pub const EVENTS: &[&str] =
     &["delivered", "deferred", "bounced", "complained", "opened", "clicked", "unsubscribed", "unknown"];
 
 /// One normalized provider event.
+/// Serialized without its empty fields: a row for `email._record_events` is parsed as jsonb, and
+/// absent keys read as NULL there.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Event {
     /// One of `EVENTS`.
@@ -68,26 +70,39 @@ pub struct Event {
     /// The provider's id of this event, or `sha256:<hex>` of the event's JSON when it has none.
     pub provider_event_id: String,
     /// Our `email.messages.id`, echoed back as custom data under the key `pg_email_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pg_email_id: Option<i64>,
     /// The provider's id of the message (as its send API answered it).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_message_id: Option<String>,
     /// The RFC 5322 Message-ID, with angle brackets (`<x@y>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rfc_message_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
     /// `hard`, `soft` or `block` for `bounced`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bounce_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub smtp_code: Option<i32>,
     /// RFC 3463 only (`5.1.1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub enhanced_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub response: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
     /// A valid IPv4/IPv6 address, or None.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     /// The provider says a machine did it (SendGrid `sg_machine_open`, a known proxy agent).
     pub machine: bool,
     /// When it happened, in Unix seconds, when the provider says.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at: Option<f64>,
     /// The event as received (one element of a batch).
     pub payload: serde_json::Value,
