@@ -30,10 +30,21 @@ pub(crate) fn no_such_template(name: &str) -> ! {
 }
 
 /// Renders the current version of `name` with `data`, as the worker would; errors are raised.
+/// Templates always get `unsubscribe_url` (the worker puts the message's own link there, or an
+/// empty string when the message has no single recipient); a preview shows a stand-in link.
 pub(crate) fn render_current(name: &str, data: &serde_json::Value) -> Parts {
     let lib = crate::catalog::library().unwrap_or_else(|e| spi_failed(e));
     let Some(main) = lib.get(name).cloned() else { no_such_template(name) };
-    render::render(name, &main, &lib, data, limits()).unwrap_or_else(|e| report(e))
+    let data = match data {
+        serde_json::Value::Object(m) if !m.contains_key("unsubscribe_url") => {
+            let mut m = m.clone();
+            let link = crate::gucs::public_url().map(|u| format!("{u}/u/preview")).unwrap_or_default();
+            m.insert("unsubscribe_url".into(), link.into());
+            std::borrow::Cow::Owned(serde_json::Value::Object(m))
+        }
+        _ => std::borrow::Cow::Borrowed(data),
+    };
+    render::render(name, &main, &lib, &data, limits()).unwrap_or_else(|e| report(e))
 }
 
 /// Called by the `email.templates` trigger: refuses a row whose parts do not compile.

@@ -212,12 +212,13 @@ fn rendered(
         let pinned =
             job.pinned.as_ref().ok_or_else(|| format!("template \"{name}\" version {version} no longer exists"))?;
         let limits = crate::render::Limits { fuel: gucs::template_fuel(), max_size: gucs::max_message_size() };
-        // Templates get the message's unsubscribe link as `unsubscribe_url`.
-        let unsubscribe = links.and_then(|l| l.unsubscribe(job.id, &job.stored));
-        let data = match (unsubscribe, data) {
-            (Some(u), serde_json::Value::Object(m)) if !m.contains_key("unsubscribe_url") => {
+        // Templates get the message's unsubscribe link as `unsubscribe_url` (an empty string
+        // when it has none: several recipients, or no public URL).
+        let unsubscribe = links.and_then(|l| l.unsubscribe(job.id, &job.stored)).unwrap_or_default();
+        let data = match data {
+            serde_json::Value::Object(m) if !m.contains_key("unsubscribe_url") => {
                 let mut m = m.clone();
-                m.insert("unsubscribe_url".into(), u.into());
+                m.insert("unsubscribe_url".into(), unsubscribe.into());
                 std::borrow::Cow::Owned(serde_json::Value::Object(m))
             }
             _ => std::borrow::Cow::Borrowed(data),

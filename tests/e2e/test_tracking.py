@@ -18,6 +18,7 @@ nothing was stored waits for a later hit (a marker) instead, since the listener 
 Nothing here asserts that anything is fast."""
 import email
 import email.policy
+import html
 import html.parser
 import os
 import re
@@ -618,3 +619,41 @@ def test_one_click_unsubscribe(tr, postfix, encoding):
         assert tr.one("SELECT reason, message_id FROM email.suppressions WHERE address = %s", to) == ("unsubscribed", d.mid)
     nxt = send(tr, "pf_track", recipients=to)
     assert status(tr, nxt) == "suppressed"
+
+
+def test_templates_get_the_unsubscribe_url(tr, postfix):
+    """Template data has `unsubscribe_url`: the message's own link (the one List-Unsubscribe names)
+    for one recipient, an empty string for several; a preview shows a stand-in."""
+    name = f"unsub-{uuid.uuid4().hex[:8]}"
+    tr.all("INSERT INTO email.templates (name, subject, body, html) VALUES (%s, 'Hello {{ who }}', "
+           "'Leave: [{{ unsubscribe_url }}]', '<p><a href=\"{{ unsubscribe_url }}\">leave</a></p>')", name)
+    preview = tr.one("SELECT body FROM email.render(%s, '{\"who\": \"x\"}')", name)[0]
+    assert preview == f"Leave: [{LISTEN_URL}/u/preview]", preview
+    one = addr("templated")
+    subject = f"templated {uuid.uuid4().hex[:8]}"
+    mid = tr.val("SELECT email.send_template(%s, %s, '{\"who\": \"Ada\"}', transport => 'pf_track', "
+                 "list_unsubscribe => true, track_clicks => true)", name, one)
+    wait_status(tr, mid, "sent", timeout=SLOW)
+    found = []
+    wait_until(lambda: found.extend(m for raw in postfix.raw_messages()
+                                    for m in [email.message_from_bytes(raw, policy=email.policy.default)]
+                                    if m["subject"] == "Hello Ada" and one in str(m["To"])) or found,
+               "the templated message in the Maildir", SLOW)
+    m = found[0]
+    link = str(m["List-Unsubscribe"]).strip("<>")
+    text = m.get_body(("plain",)).get_content()
+    assert text.strip() == f"Leave: [{link}]", (text, link)
+    # the unsubscribe link is not click-tracked: it stays the link itself (minijinja's autoescape
+    # writes '/' as &#x2f;, which a browser reads back as '/')
+    part = m.get_body(("html",)).get_content()
+    assert f'href="{link}"' in html.unescape(part) and "/c/" not in part, part
+    r = http("POST", path_of(link), body=b"List-Unsubscribe=One-Click",
+             headers=[("Content-Type", "application/x-www-form-urlencoded")])
+    assert r.status == 200, r
+    assert tr.val("SELECT reason FROM email.suppressions WHERE address = %s", one) == "unsubscribed"
+    # several recipients: no link to give, an empty string
+    a, b = addr("tpl-a"), addr("tpl-b")
+    mid = tr.val("SELECT email.send_template(%s, %s, '{\"who\": \"Bo\"}', transport => 'pf_track')", name, f"{a}, {b}")
+    wait_status(tr, mid, "sent", timeout=SLOW)
+    body = tr.val("SELECT body FROM email.messages WHERE id = %s", mid)
+    assert body == "Leave: []", body
