@@ -1,7 +1,7 @@
 """make bench: pg_email's figures next to same-run baselines.
 
-Starts its own cluster (2 workers and the HTTP listener), smtp-sink, an nginx responder and a
-latency sink, runs each benchmark, prints one Markdown table and writes the figures as JSON under
+Starts its own cluster (2 workers and the listener: HTTP, and SMTP/LMTP inbound), smtp-sink, an
+nginx responder and a latency sink, runs each benchmark, prints one Markdown table and writes the figures as JSON under
 bench/results/. Every comparison measures both sides in the same run, interleaved, and reports
 medians. `python3 bench/bench.py 9 10` (make bench BENCH_ONLY="9 10") runs only those rows."""
 import asyncio
@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+import smtplib
 import socket
 import statistics
 import subprocess
@@ -33,10 +34,17 @@ from servers import AioSmtp  # noqa: E402
 PORT = int(os.environ.get("BENCH_PORT", "5496"))
 DIR = "/var/tmp/pg_email-bench"
 SINK_PORT, HTTP_PORT, LAT_PORT = 28025, 28080, 28026
+# smtp-sink speaking LMTP: the baseline of bench 11 (moves to a free port when taken, main)
+LMTP_SINK_PORT = 28027
 # The listener (open pixel, clicks, webhooks); HTTP_PORT and LISTEN_PORT move to a free port
 # when taken (main).
 LISTEN_PORT = int(os.environ.get("BENCH_LISTEN_PORT", str(PORT + 1)))
 LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
+# The listener's inbound SMTP/LMTP service (pg_email.inbound_address); moves like LISTEN_PORT.
+INBOUND_PORT = int(os.environ.get("BENCH_INBOUND_PORT", str(PORT + 2)))
+# pg_email.bounce_domain while bench 11 and the VERP-on half of bench 12 run (empty otherwise, so
+# the other rows send plain envelopes).
+BOUNCE_DOMAIN = "bounces.bench"
 REPS = int(os.environ.get("BENCH_REPS", "3"))
 BODY_1K = ("The quick brown fox jumps over the lazy dog. " * 23)[:1000]
 BODY_2K = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 36)[:2000]
@@ -103,6 +111,7 @@ def free_port(preferred):
 def start_cluster():
     subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "start", DIR, str(PORT), "bench",
                     f"pg_email.listen_address = '127.0.0.1:{LISTEN_PORT}'",
+                    f"pg_email.inbound_address = '127.0.0.1:{INBOUND_PORT}'",
                     "pg_email.workers = 2", "pg_email.max_in_flight = 256", "pg_email.batch_size = 500",
                     "pg_email.paused = on", "pg_email.default_sender = 'Bench <bench@example.org>'",
                     "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'",
@@ -606,11 +615,269 @@ def bench_webhooks():
     results[-1]["value_text"] = f"{round(o):,} events/s, p99 {p:.1f} ms per batch (nginx p99 {bp:.1f} ms)"
 
 
+def bounce_off():
+    """pg_email.bounce_domain back to its default (empty: no VERP, the inbound service refuses
+    the bounce domain)."""
+    sql("ALTER SYSTEM RESET pg_email.bounce_domain")
+    sql("SELECT pg_reload_conf()")
+    time.sleep(0.3)
+
+
+def bounce_dsn(seq):
+    """A Postfix-style RFC 3464 bounce (multipart/report, about 2 KB, LF line ends) to
+    bench@BOUNCE_DOMAIN about bench message `seq`, which does not exist: the inbound service
+    parses it and stores it as kind 'bounce', matching nothing (no VERP token, an unknown
+    Message-ID). seq is a fixed-width string, so every copy has the same size; its own
+    Message-ID, queue id and recipient make each copy a distinct report."""
+    qid = seq
+    b = f"{qid}.1704164646/mx.bench.example"
+    rcpt = f"bench@{BOUNCE_DOMAIN}"
+    return f"""Return-Path: <>
+Received: by mx.bench.example (Postfix)
+\tid {qid}; Tue,  2 Jan 2024 03:04:06 +0000 (UTC)
+Date: Tue,  2 Jan 2024 03:04:06 +0000 (UTC)
+From: MAILER-DAEMON@mx.bench.example (Mail Delivery System)
+Subject: Undelivered Mail Returned to Sender
+To: {rcpt}
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="{b}"
+Content-Transfer-Encoding: 8bit
+Message-Id: <20240102030406.{qid}@mx.bench.example>
+
+This is a MIME-encapsulated message.
+
+--{b}
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+This is the mail system at host mx.bench.example.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients. It's attached below.
+
+For further assistance, please send mail to postmaster.
+
+If you do so, please include this problem report. You can
+delete your own text from the attached returned message.
+
+                   The mail system
+
+<user{seq}@example.net>: host mx.example.net[192.0.2.25] said: 550 5.1.1
+    <user{seq}@example.net>: Recipient address rejected: User unknown in
+    virtual mailbox table (in reply to RCPT TO command)
+
+--{b}
+Content-Description: Delivery report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.bench.example
+X-Postfix-Queue-ID: {qid}
+X-Postfix-Sender: rfc822; {rcpt}
+Arrival-Date: Tue,  2 Jan 2024 03:04:03 +0000 (UTC)
+
+Final-Recipient: rfc822; user{seq}@example.net
+Original-Recipient: rfc822;user{seq}@example.net
+Action: failed
+Status: 5.1.1
+Remote-MTA: dns; mx.example.net
+Diagnostic-Code: smtp; 550 5.1.1 <user{seq}@example.net>: Recipient
+    address rejected: User unknown in virtual mailbox table
+
+--{b}
+Content-Description: Undelivered Message
+Content-Type: message/rfc822
+Content-Transfer-Encoding: 7bit
+
+Return-Path: <{rcpt}>
+From: Bench <bench@example.org>
+To: user{seq}@example.net
+Subject: Bench {seq}
+Message-ID: <bench-gone-{seq}@example.org>
+Date: Tue, 02 Jan 2024 03:04:02 +0000
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+
+Hello, this is bench message {seq}.
+
+--{b}--
+"""
+
+
+def lmtp_client(timeout=120):
+    return smtplib.LMTP("127.0.0.1", INBOUND_PORT, local_hostname="client.bench", timeout=timeout)
+
+
+def wait_inbound(timeout=120):
+    """Waits until the inbound service answers LHLO and takes RCPT TO:<probe@BOUNCE_DOMAIN>."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            with lmtp_client(timeout=10) as c:
+                c.ehlo()
+                c.mail("")
+                last = c.rcpt(f"probe@{BOUNCE_DOMAIN}")
+                if last[0] == 250:
+                    return
+        except (OSError, smtplib.SMTPException) as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the inbound service on 127.0.0.1:{INBOUND_PORT} does not take mail for {BOUNCE_DOMAIN} "
+                               f"after {timeout} s (last: {last!r})")
+        time.sleep(0.2)
+
+
+def wait_port(port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def inbound_counts():
+    """(rows, rows of kind bounce, rows matched to a message) of email.inbound."""
+    return tuple(sql("SELECT count(*), count(*) FILTER (WHERE kind = 'bounce'), count(message_id) FROM email.inbound")[0])
+
+
+def lmtp_send_all(batches):
+    """Sends each batch of raw messages (CRLF bytes) over its own LMTP connection, all at once,
+    MAIL FROM:<> RCPT TO:<bench@BOUNCE_DOMAIN>; returns seconds until every one is stored in
+    email.inbound (every one answered 250, which the service gives after the commit)."""
+    n = sum(len(b) for b in batches)
+    errors, acked = [], [0] * len(batches)
+
+    def client(k):
+        try:
+            with lmtp_client() as c:
+                for raw in batches[k]:
+                    c.sendmail("", [f"bench@{BOUNCE_DOMAIN}"], raw)
+                    acked[k] += 1
+        except Exception as e:  # reported below
+            errors.append(f"connection {k} after {acked[k]} messages: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(k,), name=f"lmtp-{k}", daemon=True) for k in range(len(batches))]
+    t = time.monotonic()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(600)
+    assert not any(th.is_alive() for th in threads), "an LMTP client did not finish within 600 s"
+    assert not errors, errors
+    deadline = time.monotonic() + 60
+    while inbound_counts()[0] < n:
+        assert time.monotonic() < deadline, f"{sum(acked)} messages answered 250, {inbound_counts()[0]} stored after 60 s"
+        time.sleep(0.02)
+    return time.monotonic() - t
+
+
+def lmtp_source(n, conns, path):
+    """smtp-source speaking LMTP: n copies of the message in `path` over conns connections to the
+    LMTP smtp-sink; messages/s."""
+    t = time.monotonic()
+    subprocess.run(["/usr/sbin/smtp-source", "-L", "-c", "-d", "-s", str(conns), "-m", str(n), "-F", path,
+                    "-M", "client.bench", "-f", "", "-t", f"bench@{BOUNCE_DOMAIN}", f"127.0.0.1:{LMTP_SINK_PORT}"],
+                   check=True, capture_output=True)
+    return n / (time.monotonic() - t)
+
+
+def bench_inbound():
+    per = int(os.environ.get("BENCH_INBOUND_PER_CONN", "2500"))
+    conns = 8
+    n = per * conns
+    log(f"11. inbound messages/s: {n:,} ~2 KB Postfix bounces over {conns} LMTP connections, every one stored; "
+        "baseline smtp-source -L into smtp-sink -L")
+    path = os.path.join(DIR, "bounce.eml")
+    sample = bounce_dsn("9" * 10)
+    with open(path, "w") as f:
+        f.write(sample)  # smtp-source -F ends each line with CRLF itself
+    os.chmod(path, 0o644)
+    size = len(sample.replace("\n", "\r\n").encode())
+    sink = subprocess.Popen(["/usr/sbin/smtp-sink", "-L", "-u", "postfix", f"127.0.0.1:{LMTP_SINK_PORT}", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(LMTP_SINK_PORT)
+        set_conf(bounce_domain=BOUNCE_DOMAIN)
+        wait_inbound()
+        ours, base = [], []
+        for r in range(REPS):
+            sql("TRUNCATE email.inbound RESTART IDENTITY CASCADE")
+            sql("CHECKPOINT")
+            batches = [[bounce_dsn(f"{r:02d}{k:02d}{i:06d}").replace("\n", "\r\n").encode() for i in range(per)]
+                       for k in range(conns)]
+            ours.append(n / lmtp_send_all(batches))
+            rows, bounces, matched = inbound_counts()
+            assert (rows, bounces, matched) == (n, n, 0), \
+                f"{n} bounces about no message sent: {rows} email.inbound rows, {bounces} of kind bounce, {matched} matched"
+            base.append(lmtp_source(n, conns, path))
+    finally:
+        sink.terminate()
+        sink.wait()
+        bounce_off()
+    o, b = statistics.median(ours), statistics.median(base)
+    record(11, f"inbound messages/s, {n:,} × {size / 1024:.1f} KB Postfix DSNs over LMTP ({conns} Python smtplib connections), "
+           "every one stored as a bounce", round(o), "msg/s", round(b), round(o / b, 2), "report", None,
+           {"messages": n, "connections": conns, "message_bytes": size, "baseline_tool": "smtp-source -L → smtp-sink -L"})
+
+
+def envelope_sender():
+    """MAIL FROM of one message sent now through the 'lat' transport (an aiosmtpd sink)."""
+    srv = AioSmtp(LAT_PORT)
+    srv.start()
+    try:
+        reset()
+        sql("SELECT email.send(recipients => 'verp@example.org', subject => 'verp', body => 'x', transport => 'lat')")
+        drain(1, timeout=60)
+        wait_idle()
+        return srv.messages[0]["mail_from"]
+    finally:
+        srv.stop()
+
+
+def bench_verp():
+    n = 20_000
+    log(f"12. SMTP drain of {n:,} 2 KB messages to smtp-sink, VERP on vs off")
+    verp_re = re.compile(r"bounce\+[a-z2-7]{42}@" + re.escape(BOUNCE_DOMAIN))
+
+    def run(verp):
+        if verp:
+            set_conf(bounce_domain=BOUNCE_DOMAIN)
+        else:
+            bounce_off()
+        time.sleep(1)  # the delivery workers re-read it on SIGHUP
+        sender = envelope_sender()
+        assert bool(verp_re.fullmatch(sender or "")) == verp, f"VERP {'on' if verp else 'off'}: MAIL FROM:<{sender}>"
+        reset()
+        enqueue(n, "sink")
+        rate = n / drain(n)
+        wait_idle()
+        return rate
+
+    on, off = [], []
+    try:
+        for r in range(REPS):
+            for verp in ((False, True) if r % 2 == 0 else (True, False)):
+                (on if verp else off).append(run(verp))
+    finally:
+        bounce_off()
+    o, b = statistics.median(on), statistics.median(off)
+    record(12, f"SMTP drain with VERP on vs off, {n:,} × 2 KB to smtp-sink", round(o), "msg/s", round(b),
+           round(o / b, 2), "ratio ≥ 0.90", o / b >= 0.90)
+
+
 def main():
-    global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL
+    global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT
     os.makedirs(DIR, exist_ok=True)
     HTTP_PORT = free_port(HTTP_PORT)
     LISTEN_PORT = free_port(LISTEN_PORT)
+    INBOUND_PORT = free_port(INBOUND_PORT)
+    LMTP_SINK_PORT = free_port(LMTP_SINK_PORT)
     LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
     start_cluster()
     nginx = None
@@ -629,7 +896,8 @@ def main():
         sql("SELECT email.add_transport('cap', 'capture://')")
         only = set(sys.argv[1:])
         for n, fn in enumerate([bench_enqueue, bench_bulk, bench_smtp_drain, bench_http_drain, bench_latency,
-                                bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks], 1):
+                                bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks,
+                                bench_inbound, bench_verp], 1):
             if not only or str(n) in only:
                 fn()
     finally:

@@ -265,6 +265,60 @@ BEGIN
     RETURN stored + unmatched;
 END $$;
 
+-- Stores one received message ($1: what src/inbound parsed, with the VERP token's message
+-- when a recipient carried one; $2: the raw bytes) as a row of email.inbound, matched to our
+-- message (the VERP token's, else the first Message-ID it refers to that is ours), and records
+-- its reports (bounced, deferred, delivered, complained, unsubscribed) through
+-- email._record_events with their effects. Returns the email.inbound id.
+CREATE FUNCTION email._record_inbound(msg jsonb, raw bytea) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    mid bigint;
+    mtransport text;
+    single text;
+    iid bigint;
+BEGIN
+    SELECT m.id, m.transport,
+           CASE WHEN cardinality(m.recipients) + coalesce(cardinality(m.cc), 0) + coalesce(cardinality(m.bcc), 0) = 1
+                THEN email._address(coalesce(m.recipients[1], m.cc[1], m.bcc[1])) END
+    INTO mid, mtransport, single
+    FROM email.messages m
+    WHERE m.id = (msg->>'verp_message_id')::bigint;
+    IF mid IS NULL THEN
+        SELECT m.id, m.transport,
+               CASE WHEN cardinality(m.recipients) + coalesce(cardinality(m.cc), 0) + coalesce(cardinality(m.bcc), 0) = 1
+                    THEN email._address(coalesce(m.recipients[1], m.cc[1], m.bcc[1])) END
+        INTO mid, mtransport, single
+        FROM jsonb_array_elements_text(coalesce(msg->'refers_to', '[]')) WITH ORDINALITY AS r(rfc_id, n)
+        JOIN email.messages m ON m.message_id = r.rfc_id
+        ORDER BY r.n, m.id DESC
+        LIMIT 1;
+    END IF;
+    INSERT INTO email.inbound (mail_from, rcpt_to, kind, from_address, subject, rfc_message_id, in_reply_to,
+                               message_id, text_body, html_body, headers, raw)
+    VALUES (msg->>'mail_from', ARRAY(SELECT jsonb_array_elements_text(coalesce(msg->'rcpt_to', '[]'))),
+            -- A reply is a reply to our mail; In-Reply-To naming someone else's makes it a message.
+            CASE WHEN msg->>'kind' = 'reply' AND mid IS NULL THEN 'message' ELSE msg->>'kind' END,
+            msg->>'from_address', msg->>'subject', msg->>'rfc_message_id', msg->>'in_reply_to',
+            mid, msg->>'text_body', msg->>'html_body', msg->'headers', raw)
+    RETURNING id INTO iid;
+    IF mid IS NOT NULL AND jsonb_typeof(msg->'events') = 'array' AND jsonb_array_length(msg->'events') > 0 THEN
+        -- A report received twice (an MTA that did not see our 250) is recorded once: its
+        -- Message-ID and recipient name the event.
+        PERFORM email._record_events((
+            SELECT jsonb_agg(e || jsonb_build_object(
+                       'transport', mtransport, 'source', 'inbound', 'pg_email_id', mid,
+                       'recipient', coalesce(e->>'recipient', single),
+                       'provider_event_id',
+                           CASE WHEN msg->>'rfc_message_id' IS NOT NULL
+                                THEN 'inbound:' || (msg->>'rfc_message_id') || ':' || coalesce(e->>'recipient', single, '')
+                           END,
+                       'payload', jsonb_build_object('inbound_id', iid)))
+            FROM jsonb_array_elements(msg->'events') AS e));
+    END IF;
+    RETURN iid;
+END $$;
+
 -- Queue overview for operators: counts per status and transport, age of the oldest due message.
 CREATE VIEW email.queue_summary WITH (security_invoker = true) AS
 SELECT m.status,
@@ -348,6 +402,8 @@ SELECT pg_catalog.pg_extension_config_dump('email.template_versions', '');
 SELECT pg_catalog.pg_extension_config_dump('email.unmatched_events', '');
 SELECT pg_catalog.pg_extension_config_dump('email.unmatched_events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('email.tracking_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('email.inbound', '');
+SELECT pg_catalog.pg_extension_config_dump('email.inbound_id_seq', '');
 
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
@@ -412,6 +468,10 @@ COMMENT ON TABLE email.sns_certificates IS 'SNS signing certificates the listene
 COMMENT ON COLUMN email.messages.track_opens IS 'An open pixel is added to the HTML part (resolved at enqueue from the call or pg_email.track_opens).';
 COMMENT ON COLUMN email.messages.track_clicks IS 'The HTML part''s links go through the listener (resolved at enqueue from the call or pg_email.track_clicks).';
 COMMENT ON COLUMN email.messages.list_unsubscribe IS 'List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) headers are added (one recipient only).';
+COMMENT ON TABLE email.inbound IS 'Every message received by the listener''s SMTP/LMTP service or email.ingest_message: bounces, delays, complaints, auto-replies, unsubscribes, replies and other mail, with the message it is about when known.';
+COMMENT ON COLUMN email.inbound.kind IS 'bounce (a delivery report with a failure), delay (only delays), complaint (an ARF feedback report), auto_reply (RFC 3834 or a vacation notice), unsubscribe (mail to the List-Unsubscribe address), reply (In-Reply-To or References name our message) or message.';
+COMMENT ON COLUMN email.inbound.message_id IS 'The email.messages row it is about: named by the VERP return path, else by the Message-ID it refers to.';
+COMMENT ON COLUMN email.inbound.raw IS 'The message as received.';
 COMMENT ON TABLE email.attachments IS 'Decoded attachments of queued messages, in order.';
 COMMENT ON TABLE email.captured IS 'What the capture:// transport "sent": the final message bytes and the envelope; nothing left the database.';
 COMMENT ON TABLE email.templates IS 'Stored templates (minijinja). Saving a row checks its syntax, filters and tests, and (at commit) that the templates it extends or includes exist; it bumps version when the content changed; every version is kept in email.template_versions.';
@@ -436,6 +496,8 @@ COMMENT ON FUNCTION email.unsuppress IS 'Takes an address or *@domain off the su
 COMMENT ON FUNCTION email.ingest_webhook IS 'Verifies and stores one provider webhook request (headers as a JSON object, the raw body) exactly as the listener''s POST /webhooks/<transport> does; returns the rows stored.';
 COMMENT ON FUNCTION email.rotate_tracking_key IS 'Starts a new key for tracking and unsubscribe links and returns its id; links signed with older keys keep working.';
 COMMENT ON FUNCTION email._record_events(jsonb) IS 'Stores events heard back (webhooks, tracking) and applies their effects: status, suppressions; unmatched ones go to email.unmatched_events.';
+COMMENT ON FUNCTION email.ingest_message IS 'Stores one received message (raw bytes, envelope recipients and sender) exactly as the listener''s SMTP/LMTP service does: classified, matched to our message, its reports recorded; returns the email.inbound id.';
+COMMENT ON FUNCTION email._record_inbound(jsonb, bytea) IS 'Stores a parsed received message in email.inbound and records its reports through email._record_events.';
 COMMENT ON FUNCTION email._address(text) IS 'The bare, lower-cased address of a stored mailbox.';
 COMMENT ON FUNCTION email.worker_status IS 'One row per worker serving this database: the delivery workers (kind delivery: pid, state, messages in flight, totals since start, last activity) and the listener (kind listener: events stored as sent, requests answered 503 as deferred, refused requests as failed, open connections as in_flight); in a database no worker serves, one row says so.';
 

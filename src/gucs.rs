@@ -49,6 +49,13 @@ static PUBLIC_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::
 static TRACK_OPENS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static TRACK_CLICKS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// The domain of VERP return paths and the List-Unsubscribe mailto address.
+static BOUNCE_DOMAIN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Where the listener accepts SMTP/LMTP; empty: no inbound mail service.
+static INBOUND_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// More domains (comma-separated) whose mail the inbound service accepts (replies, say).
+static INBOUND_DOMAINS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 /// Registers every setting and reserves the `pg_email.` prefix.
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -206,6 +213,30 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pg_email.bounce_domain",
+        c"Domain of the VERP return paths (bounce+TOKEN@domain) and the unsubscribe mailto address.",
+        c"Empty: the envelope sender is the message's sender. Route this domain's mail to the inbound service.",
+        &BOUNCE_DOMAIN,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.inbound_address",
+        c"host:port the pg_email listener accepts SMTP and LMTP on (bounces, complaints, replies).",
+        c"Empty: no inbound mail service. Put an MTA in front of it.",
+        &INBOUND_ADDRESS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.inbound_domains",
+        c"More domains (comma-separated) whose mail the inbound service accepts, besides bounce_domain.",
+        c"",
+        &INBOUND_DOMAINS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
 
     // SAFETY: called once from _PG_init in the postmaster with a static NUL-terminated prefix,
     // after every pg_email setting is defined.
@@ -302,4 +333,21 @@ pub fn track_opens() -> bool {
 }
 pub fn track_clicks() -> bool {
     TRACK_CLICKS.get()
+}
+/// Lower-cased, without a trailing dot.
+pub fn bounce_domain() -> Option<String> {
+    string(&BOUNCE_DOMAIN).map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+}
+pub fn inbound_address() -> Option<String> {
+    string(&INBOUND_ADDRESS)
+}
+/// The domains the inbound service accepts mail for: bounce_domain and inbound_domains.
+pub fn inbound_domains() -> Vec<String> {
+    let mut out: Vec<String> = bounce_domain().into_iter().collect();
+    if let Some(list) = string(&INBOUND_DOMAINS) {
+        out.extend(
+            list.split(',').map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase()).filter(|d| !d.is_empty()),
+        );
+    }
+    out
 }

@@ -22,6 +22,7 @@ pub mod catalog;
 pub mod deliver;
 pub mod draft;
 pub mod gucs;
+pub mod inbound;
 pub mod listener;
 pub mod message;
 pub mod render;

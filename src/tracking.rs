@@ -173,6 +173,114 @@ impl Keys {
     }
 }
 
+/// What a return-path (VERP) or List-Unsubscribe mailto address names: mail to
+/// `bounce+<token>@<bounce_domain>` reports on `message_id`, mail to `unsubscribe+<token>@...`
+/// unsubscribes its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Return {
+    pub unsubscribe: bool,
+    pub message_id: i64,
+    /// The recipient's position when the message has exactly one (0); None for a message with
+    /// several recipients, whose reports name the recipient themselves.
+    pub recipient: Option<u16>,
+}
+
+/// Return tokens are local parts: at most 64 characters with the `bounce+` prefix, and of one
+/// letter case (some systems fold the case of a return path), so lower-case base32 with a
+/// shorter MAC: 16 payload bytes and 10 MAC bytes make 42 characters.
+const RETURN_VERSION: u8 = 1;
+const RETURN_PAYLOAD: usize = 16;
+const RETURN_MAC: usize = 10;
+const RETURN_CONTEXT: &[u8] = b"pg_email return token v1\0";
+
+impl Keys {
+    /// The token of a return-path or unsubscribe address, under the current key.
+    pub fn return_token(&self, r: &Return) -> Option<String> {
+        let kid = self.current?;
+        let key = self.keys.get(&kid)?;
+        let mut bytes = Vec::with_capacity(RETURN_PAYLOAD + RETURN_MAC);
+        bytes.push(RETURN_VERSION);
+        bytes.push(if r.unsubscribe { b'u' } else { b'b' });
+        bytes.extend_from_slice(&kid.to_be_bytes());
+        bytes.extend_from_slice(&r.message_id.to_be_bytes());
+        bytes.extend_from_slice(&r.recipient.unwrap_or(u16::MAX).to_be_bytes());
+        let mac = return_mac(key, &bytes);
+        bytes.extend_from_slice(&mac);
+        Some(base32::encode(&bytes))
+    }
+
+    /// What a return token names; None for anything not signed by a known key (any letter case
+    /// is accepted).
+    pub fn verify_return(&self, token: &str) -> Option<Return> {
+        let bytes = base32::decode(&token.to_ascii_lowercase())?;
+        if bytes.len() != RETURN_PAYLOAD + RETURN_MAC || bytes[0] != RETURN_VERSION {
+            return None;
+        }
+        let (payload, mac) = bytes.split_at(RETURN_PAYLOAD);
+        let kid = i32::from_be_bytes(payload[2..6].try_into().ok()?);
+        let key = self.keys.get(&kid)?;
+        let expected = return_mac(key, payload);
+        // Constant time: compare the HMACs of both tags rather than the tags themselves.
+        hmac::verify(key, &expected, hmac::sign(key, mac).as_ref()).ok()?;
+        let unsubscribe = match payload[1] {
+            b'u' => true,
+            b'b' => false,
+            _ => return None,
+        };
+        let message_id = i64::from_be_bytes(payload[6..14].try_into().ok()?);
+        let recipient = u16::from_be_bytes(payload[14..16].try_into().ok()?);
+        Some(Return { unsubscribe, message_id, recipient: (recipient != u16::MAX).then_some(recipient) })
+    }
+}
+
+fn return_mac(key: &hmac::Key, payload: &[u8]) -> [u8; RETURN_MAC] {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(RETURN_CONTEXT);
+    ctx.update(payload);
+    let tag = ctx.sign();
+    let mut out = [0u8; RETURN_MAC];
+    out.copy_from_slice(&tag.as_ref()[..RETURN_MAC]);
+    out
+}
+
+/// Lower-case RFC 4648 base32 without padding; decoding accepts only the canonical form.
+mod base32 {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
+        let (mut acc, mut bits) = (0u32, 0u32);
+        for &b in bytes {
+            acc = (acc << 8) | u32::from(b);
+            bits += 8;
+            while bits >= 5 {
+                bits -= 5;
+                out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+            }
+        }
+        if bits > 0 {
+            out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(s.len() * 5 / 8);
+        let (mut acc, mut bits) = (0u32, 0u32);
+        for c in s.bytes() {
+            let v = ALPHABET.iter().position(|&a| a == c)? as u32;
+            acc = ((acc << 5) | v) & 0xffff;
+            bits += 5;
+            if bits >= 8 {
+                bits -= 8;
+                out.push(((acc >> bits) & 0xff) as u8);
+            }
+        }
+        // Leftover bits must be zero and fewer than 5: one encoding per byte string.
+        (bits < 5 && acc & ((1 << bits) - 1) == 0).then_some(out)
+    }
+}
+
 impl fmt::Debug for Keys {
     /// Kids only: secrets never reach a log.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -974,6 +1082,45 @@ mod tests {
         ] {
             assert_eq!(keys.verify(&keys.seal(2, &bad).unwrap()), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn return_tokens_round_trip_fit_a_local_part_and_refuse_any_change() {
+        let k = keys();
+        for r in [
+            Return { unsubscribe: false, message_id: 42, recipient: Some(0) },
+            Return { unsubscribe: true, message_id: i64::MAX, recipient: None },
+        ] {
+            let t = k.return_token(&r).unwrap();
+            assert!(t.len() + "unsubscribe+".len() <= 64, "{t}");
+            assert!(t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{t}");
+            assert_eq!(k.verify_return(&t), Some(r));
+            assert_eq!(k.verify_return(&t.to_ascii_uppercase()), Some(r));
+            for i in 0..t.len() {
+                let mut b = t.clone().into_bytes();
+                b[i] = if b[i] == b'a' { b'b' } else { b'a' };
+                assert_eq!(k.verify_return(std::str::from_utf8(&b).unwrap()), None, "position {i}");
+            }
+            assert_eq!(k.verify_return(&t[..t.len() - 1]), None);
+            assert_eq!(k.verify_return(&format!("{t}a")), None);
+        }
+        assert_eq!(
+            Keys::new(vec![(9, b"other".to_vec())]).verify_return(
+                &k.return_token(&Return { unsubscribe: false, message_id: 1, recipient: None }).unwrap()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn base32_is_canonical() {
+        for n in 0..40 {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            let e = base32::encode(&bytes);
+            assert_eq!(base32::decode(&e), Some(bytes));
+        }
+        assert_eq!(base32::decode("ab"), None); // non-zero leftover bits
+        assert_eq!(base32::decode("a1"), None);
     }
 
     #[test]

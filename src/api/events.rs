@@ -135,3 +135,47 @@ fn rotate_tracking_key() -> i32 {
     }
     raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "no free tracking key id was found", None)
 }
+
+const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
+const RECORD_INBOUND: &str = include_str!("../../sql/api/record_inbound.sql");
+
+/// The tracking keys (which also sign VERP and unsubscribe addresses).
+fn tracking_keys() -> crate::tracking::Keys {
+    let pairs = Spi::connect(|client| {
+        client
+            .select(TRACKING_KEYS, None, &[])
+            .unwrap_or_else(|e| spi_failed(e))
+            .filter_map(|r| Some((r.get_by_name::<i32, _>("kid").ok()??, r.get_by_name::<Vec<u8>, _>("secret").ok()??)))
+            .collect()
+    });
+    crate::tracking::Keys::new(pairs)
+}
+
+/// Stores one received message exactly as the listener's SMTP/LMTP service does (for a Postfix
+/// `pipe` and for replays): classified, matched to our message, its reports recorded with
+/// their effects. Returns the `email.inbound` id.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, email, pg_temp)]
+fn ingest_message(
+    raw: Option<&[u8]>,
+    rcpt_to: default!(Option<Vec<Option<String>>>, "NULL"),
+    mail_from: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let raw = raw.unwrap_or_else(|| super::invalid(crate::message::FieldError::required("raw")));
+    let limit = crate::gucs::max_message_size();
+    if raw.len() > limit {
+        raise(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("invalid raw: the message is {} bytes, over pg_email.max_message_size ({limit} bytes)", raw.len()),
+            None,
+        )
+    }
+    let rcpt: Vec<String> = rcpt_to.unwrap_or_default().into_iter().flatten().collect();
+    let parsed = crate::inbound::parse(raw, &rcpt, Some(crate::inbound::row::UNSUBSCRIBE_PREFIX))
+        .unwrap_or_else(|e| super::invalid(crate::message::FieldError::new("raw", e)));
+    let named = crate::inbound::row::return_of(&rcpt, crate::gucs::bounce_domain().as_deref(), &tracking_keys());
+    let row = crate::inbound::row::row(&parsed, mail_from, &rcpt, named);
+    Spi::get_one_with_args::<i64>(RECORD_INBOUND, &[JsonB(row).into(), raw.into()])
+        .unwrap_or_else(|e| spi_failed(e))
+        .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "no inbound row was stored", None))
+}

@@ -41,6 +41,8 @@ pub enum Job {
     Lookup(i64),
     /// A fetched SNS certificate, kept for `email.ingest_webhook`.
     Certificate { url: String, pem: String },
+    /// A message received over SMTP or LMTP.
+    Inbound(Box<super::smtp::Envelope>),
 }
 
 /// The main thread's answer.
@@ -50,8 +52,10 @@ pub enum Answer {
     Stored(i64),
     /// The address and topic of a message, or None when it is gone.
     Found(Option<(String, Option<String>)>),
-    /// The transaction failed: the caller answers 503.
+    /// The transaction failed: the caller answers 503 (SMTP: 451).
     Failed,
+    /// Refused for good, with the reply to give (SMTP: a 5xx line).
+    Refused(String),
 }
 
 pub struct Work {
@@ -74,6 +78,8 @@ pub struct State {
     /// Woken when work is queued, so the slice ends and the main thread stores it.
     pub wake: Notify,
     pub config: RefCell<Rc<Config>>,
+    /// The SMTP/LMTP service's settings (read again with the rest).
+    pub smtp: RefCell<Rc<super::smtp::Config>>,
     /// SNS certificates by URL (fetched or loaded from email.sns_certificates).
     pub certs: RefCell<HashMap<String, Rc<Vec<u8>>>>,
     /// False while the database cannot be reached: /health answers 503.
@@ -99,6 +105,7 @@ impl State {
             queued_rows: Cell::new(0),
             wake: Notify::new(),
             config: RefCell::new(Rc::new(Config::default())),
+            smtp: RefCell::new(Rc::new(super::smtp::Config::default())),
             certs: RefCell::new(HashMap::new()),
             healthy: Cell::new(false),
             client,
@@ -147,7 +154,7 @@ impl State {
     }
 
     /// Queues `job` and waits for the transaction that handles it.
-    async fn ask(&self, job: Job) -> Answer {
+    pub async fn ask(&self, job: Job) -> Answer {
         let (tx, rx) = oneshot::channel();
         self.push(job, Some(tx));
         match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {

@@ -6,6 +6,7 @@
 //! unsubscribe requests answered. Postgres is only ever called from the main thread.
 
 pub mod http;
+pub mod smtp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ const SNS_CERTIFICATES: &str = include_str!("../../sql/listener/sns_certificates
 const SAVE_CERTIFICATE: &str = include_str!("../../sql/listener/save_certificate.sql");
 const RECORD: &str = include_str!("../../sql/listener/record.sql");
 const LOOKUP: &str = include_str!("../../sql/listener/lookup.sql");
+const RECORD_INBOUND: &str = include_str!("../../sql/listener/record_inbound.sql");
 const EXTENSION_VERSION: &str = include_str!("../../sql/worker/extension_version.sql");
 
 /// The extension version this library implements; the listener serves only a schema of it.
@@ -45,9 +47,10 @@ const MAX_BATCH_ROWS: usize = 2000;
 /// How often the configuration is read again without a change signal.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
-/// Called from `_PG_init`: registers the listener when `pg_email.listen_address` is set.
+/// Called from `_PG_init`: registers the listener when `pg_email.listen_address` (HTTP) or
+/// `pg_email.inbound_address` (SMTP/LMTP) is set.
 pub fn init() {
-    if gucs::listen_address().is_none() {
+    if gucs::listen_address().is_none() && gucs::inbound_address().is_none() {
         return;
     }
     BackgroundWorkerBuilder::new("pg_email listener")
@@ -94,13 +97,12 @@ pub extern "C-unwind" fn pg_email_listener_main(_arg: pg_sys::Datum) {
         Ok(rt) => rt,
         Err(e) => pgrx::error!("pg_email listener: cannot start its runtime: {e}"),
     };
-    let address = gucs::listen_address().unwrap_or_default();
     let state = match State::new() {
         Ok(s) => Rc::new(s),
         Err(e) => pgrx::error!("pg_email listener: cannot start its HTTP client: {e}"),
     };
     let mut l = Listener { rt, state, generation: u64::MAX, loaded_at: None };
-    l.run(&address);
+    l.run();
     if let Some(s) = slot() {
         s.pid.store(0, Ordering::Relaxed);
         s.in_flight.store(0, Ordering::Relaxed);
@@ -132,15 +134,46 @@ impl Listener {
         alive
     }
 
-    fn run(&mut self, address: &str) {
-        let addr: SocketAddr = match address.parse() {
+    /// Parses `pg_email.listen_address` / `pg_email.inbound_address`; Err: one is set but invalid.
+    fn addresses() -> Result<(Option<SocketAddr>, Option<SocketAddr>), String> {
+        let parse = |setting: &str, value: Option<String>| match value {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|_| format!("pg_email.{setting} = \"{v}\" is not host:port (for example 127.0.0.1:8025)")),
+        };
+        Ok((parse("listen_address", gucs::listen_address())?, parse("inbound_address", gucs::inbound_address())?))
+    }
+
+    /// Binds `addr`, retrying while it is still taken (a restart right after a crash); None when
+    /// the worker must stop meanwhile.
+    fn bind_retrying(&self, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let old = block_signals();
+            let bound = self.rt.block_on(bind(addr));
+            restore_signals(old);
+            match bound {
+                Ok(l) => return Some(l),
+                Err(e) => {
+                    warning!("pg_email listener: cannot listen on {addr}: {e}; trying again");
+                    if !self.wait(backoff) {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        let (http_addr, smtp_addr) = match Self::addresses() {
             Ok(a) => a,
-            Err(_) => {
-                warning!(
-                    "pg_email listener: pg_email.listen_address = \"{address}\" is not host:port \
-                     (for example 127.0.0.1:8025); the listener does not start"
-                );
-                set_state(WorkerState::Stopped, "pg_email.listen_address is invalid");
+            Err(e) => {
+                warning!("pg_email listener: {e}; the listener does not start");
+                set_state(WorkerState::Stopped, "an address setting is invalid");
                 while self.wait(Duration::from_secs(3600)) {}
                 return;
             }
@@ -172,29 +205,24 @@ impl Listener {
         });
         self.reload();
 
-        // Bind, retrying while the address is still taken (a restart right after a crash).
-        let mut backoff = Duration::from_millis(100);
-        let listener = loop {
-            let old = block_signals();
-            let bound = self.rt.block_on(bind(addr));
-            restore_signals(old);
-            match bound {
-                Ok(l) => break l,
-                Err(e) => {
-                    warning!("pg_email listener: cannot listen on {addr}: {e}; trying again");
-                    if !self.wait(backoff) {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
-        log!("pg_email listener accepting HTTP on {addr} for database \"{}\"", gucs::database());
-        set_state(WorkerState::Listening, &format!("listening on {addr}"));
+        let mut http = None;
+        if let Some(addr) = http_addr {
+            let Some(l) = self.bind_retrying(addr) else { return };
+            log!("pg_email listener accepting HTTP on {addr} for database \"{}\"", gucs::database());
+            http = Some(l);
+        }
+        let mut smtp = None;
+        if let Some(addr) = smtp_addr {
+            let Some(l) = self.bind_retrying(addr) else { return };
+            log!("pg_email listener accepting SMTP and LMTP on {addr} for database \"{}\"", gucs::database());
+            smtp = Some(l);
+        }
+        let on: Vec<String> = http_addr.iter().chain(smtp_addr.iter()).map(|a| a.to_string()).collect();
+        set_state(WorkerState::Listening, &format!("listening on {}", on.join(", ")));
 
         let mut connections: FuturesUnordered<Connection> = FuturesUnordered::new();
         loop {
-            self.drive(&listener, &mut connections);
+            self.drive(http.as_ref(), smtp.as_ref(), &mut connections);
             if !self.wait(Duration::ZERO) {
                 break;
             }
@@ -213,7 +241,8 @@ impl Listener {
         set_state(WorkerState::Stopping, "stopping");
         // Store what was already queued, answer the rest, and let answers go out for a moment.
         self.store();
-        drop(listener);
+        drop(http);
+        drop(smtp);
         let deadline = Instant::now() + Duration::from_millis(500);
         let old = block_signals();
         self.rt.block_on(async {
@@ -230,7 +259,12 @@ impl Listener {
 
     /// One slice of HTTP work: accept, serve, and return once something is queued (after a short
     /// gathering window) or the slice is over.
-    fn drive(&self, listener: &tokio::net::TcpListener, connections: &mut FuturesUnordered<Connection>) {
+    fn drive(
+        &self,
+        http: Option<&tokio::net::TcpListener>,
+        smtp: Option<&tokio::net::TcpListener>,
+        connections: &mut FuturesUnordered<Connection>,
+    ) {
         let state = &self.state;
         let old = block_signals();
         self.rt.block_on(async {
@@ -246,8 +280,14 @@ impl Listener {
                     _ = state.wake.notified() => {
                         deadline = deadline.min(tokio::time::Instant::now() + GATHER);
                     }
-                    accepted = listener.accept(), if room => match accepted {
+                    accepted = accept(http), if room => match accepted {
                         Ok((stream, peer)) => connections.push(serve(state.clone(), stream, peer)),
+                        // Out of file descriptors, say: let connections finish for a moment
+                        // instead of spinning on the error.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    accepted = accept(smtp), if room => match accepted {
+                        Ok((stream, peer)) => connections.push(serve_smtp(state.clone(), stream, peer)),
                         // Out of file descriptors, say: let connections finish for a moment
                         // instead of spinning on the error.
                         Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -268,6 +308,7 @@ impl Listener {
             if work.is_empty() {
                 return;
             }
+            let keys = self.state.config.borrow().keys.clone();
             let answers = BackgroundWorker::transaction(|| {
                 let mut answers = Vec::with_capacity(work.len());
                 // The event rows of every request, in one statement; should it fail, each request
@@ -309,6 +350,14 @@ impl Listener {
                             }
                             Answer::Stored(0)
                         }
+                        Job::Inbound(envelope) => match crate::subxact::run(|| inbound(envelope, &keys)) {
+                            Ok(Ok(id)) => Answer::Stored(id),
+                            Ok(Err(why)) => Answer::Refused(why),
+                            Err(e) => {
+                                warning!("pg_email listener: storing received mail failed: {e}");
+                                Answer::Failed
+                            }
+                        },
                     };
                     answers.push(answer);
                 }
@@ -397,6 +446,14 @@ impl Listener {
             }
         }
         *self.state.config.borrow_mut() = Rc::new(http::Config { webhooks, keys: tracking::Keys::new(keys) });
+        *self.state.smtp.borrow_mut() = Rc::new(smtp::Config {
+            hostname: gucs::bounce_domain().unwrap_or_else(|| "localhost".into()),
+            max_message_size: gucs::max_message_size(),
+            accept_domains: gucs::inbound_domains(),
+            max_recipients: 100,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        });
         let mut cache = self.state.certs.borrow_mut();
         for (url, pem) in certs {
             cache.entry(url).or_insert_with(|| Rc::new(pem.into_bytes()));
@@ -411,6 +468,37 @@ impl Listener {
             log!("{line}");
         }
     }
+}
+
+/// Accepts on `listener`; never ready without one.
+async fn accept(listener: Option<&tokio::net::TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one SMTP or LMTP connection (the client's EHLO or LHLO says which); each DATA is
+/// answered after the transaction that stored the message committed.
+fn serve_smtp(state: Rc<State>, stream: tokio::net::TcpStream, peer: SocketAddr) -> Connection {
+    let _ = stream.set_nodelay(true);
+    Box::pin(async move {
+        state.open_connections.set(state.open_connections.get() + 1);
+        let cfg = state.smtp.borrow().clone();
+        let submit_state = state.clone();
+        let submit = move |envelope: smtp::Envelope| {
+            let state = submit_state.clone();
+            async move {
+                match state.ask(Job::Inbound(Box::new(envelope))).await {
+                    Answer::Stored(_) => smtp::Stored::Ok,
+                    Answer::Refused(why) => smtp::Stored::Refused(why),
+                    _ => smtp::Stored::Failed,
+                }
+            }
+        };
+        smtp::serve(stream, peer, cfg, submit).await;
+        state.open_connections.set(state.open_connections.get().saturating_sub(1));
+    })
 }
 
 async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -444,6 +532,21 @@ fn record(rows: &[&serde_json::Value]) -> i64 {
     let text = serde_json::to_string(rows).unwrap_or_else(|e| pgrx::error!("{e}"));
     Spi::get_one_with_args::<i32>(RECORD, &[text.as_str().into()]).unwrap_or_else(|e| pgrx::error!("{e}")).unwrap_or(0)
         as i64
+}
+
+/// Parses, classifies and stores one received message; Err: it is refused (the reason goes to
+/// the SMTP client).
+fn inbound(envelope: &smtp::Envelope, keys: &tracking::Keys) -> Result<i64, String> {
+    let mail_from = (!envelope.mail_from.is_empty()).then_some(envelope.mail_from.as_str());
+    let parsed = crate::inbound::parse(&envelope.raw, &envelope.rcpt_to, Some(crate::inbound::row::UNSUBSCRIBE_PREFIX))
+        .map_err(|e| format!("554 5.6.0 the message cannot be parsed: {e}"))?;
+    let named = crate::inbound::row::return_of(&envelope.rcpt_to, gucs::bounce_domain().as_deref(), keys);
+    let row = crate::inbound::row::row(&parsed, mail_from, &envelope.rcpt_to, named);
+    let text = serde_json::to_string(&row).map_err(|e| format!("554 5.6.0 the message cannot be stored: {e}"))?;
+    let id = Spi::get_one_with_args::<i64>(RECORD_INBOUND, &[text.as_str().into(), envelope.raw.as_slice().into()])
+        .unwrap_or_else(|e| pgrx::error!("{e}"))
+        .unwrap_or(0);
+    Ok(id)
 }
 
 fn lookup(id: i64) -> Option<String> {

@@ -172,7 +172,7 @@ pub fn verify(cfg: &Config, req: &Request, cert: Option<&[u8]>) -> Result<Verifi
 
 /// Replaces NUL characters, which neither `text` nor `jsonb` can hold, with U+FFFD: an
 /// authentic event carrying one (`\u0000` in its JSON) is stored, not refused for ever.
-fn without_nul(v: &mut serde_json::Value) {
+pub fn without_nul(v: &mut serde_json::Value) {
     const NUL: char = '\0';
     match v {
         serde_json::Value::String(s) if s.contains(NUL) => *s = s.replace(NUL, "\u{FFFD}"),

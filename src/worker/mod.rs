@@ -154,13 +154,27 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
 /// What signs the links of outgoing mail: the tracking keys and the listener's public URL.
 struct Links {
     keys: Rc<tracking::Keys>,
-    base: String,
+    /// pg_email.public_url (None: no links can be made).
+    base: Option<String>,
+    /// pg_email.bounce_domain (None: no VERP return path, no unsubscribe mailto).
+    bounce_domain: Option<String>,
 }
 
 impl Links {
     fn url(&self, route: &str, id: i64, single: bool, kind: tracking::Kind, url: Option<String>) -> Option<String> {
+        let base = self.base.as_ref()?;
         let token = self.keys.sign(&tracking::Claims { kind, message_id: id, single, url })?;
-        Some(format!("{}/{route}/{token}", self.base))
+        Some(format!("{base}/{route}/{token}"))
+    }
+
+    /// `bounce+TOKEN@bounce_domain` (or `unsubscribe+...`): the VERP return path names the
+    /// message, and its recipient when it has one; a message with several recipients has one
+    /// return path, and the reports name the recipient.
+    fn return_address(&self, id: i64, single: bool, unsubscribe: bool) -> Option<String> {
+        let domain = self.bounce_domain.as_ref()?;
+        let r = tracking::Return { unsubscribe, message_id: id, recipient: single.then_some(0) };
+        let token = self.keys.return_token(&r)?;
+        Some(format!("{}+{token}@{domain}", if unsubscribe { "unsubscribe" } else { "bounce" }))
     }
 
     /// The unsubscribe link of a message with one recipient.
@@ -180,7 +194,11 @@ fn decorate(stored: &mut crate::message::Stored, id: i64, track: queue::Track, l
     let unsubscribe = links.unsubscribe(id, stored);
     if track.list_unsubscribe && !stored.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("list-unsubscribe")) {
         if let Some(u) = &unsubscribe {
-            stored.headers.push(("List-Unsubscribe".into(), format!("<{u}>")));
+            let value = match links.return_address(id, true, true) {
+                Some(mailto) => format!("<{u}>, <mailto:{mailto}>"),
+                None => format!("<{u}>"),
+            };
+            stored.headers.push(("List-Unsubscribe".into(), value));
             stored.headers.push(("List-Unsubscribe-Post".into(), "List-Unsubscribe=One-Click".into()));
         }
     }
@@ -274,10 +292,18 @@ fn prepare(
     } else {
         None
     };
+    // SMTP, file and capture mail gets the VERP return path when pg_email.bounce_domain is set
+    // (provider APIs choose their own).
+    let verp = if http { None } else { links.and_then(|l| l.return_address(job.id, single_recipient(&stored), false)) };
+    let from = match verp.map(|v| v.parse::<lettre::Address>()) {
+        Some(Ok(a)) => a,
+        Some(Err(e)) => return Err(format!("the VERP return path is not an address: {e}")),
+        None => built.from,
+    };
     let out = Outgoing {
         id: job.id,
         attempt: job.attempt,
-        from: built.from,
+        from,
         to,
         raw: Rc::new(built.raw),
         message_id: job.stored.message_id.clone(),
@@ -438,8 +464,10 @@ impl Worker {
 
     /// What signs links now (None without a public URL).
     fn links(&self) -> Option<Rc<Links>> {
-        let base = gucs::public_url()?;
-        Some(Rc::new(Links { keys: self.keys.clone(), base }))
+        if self.keys.is_empty() {
+            return None;
+        }
+        Some(Rc::new(Links { keys: self.keys.clone(), base: gucs::public_url(), bounce_domain: gucs::bounce_domain() }))
     }
 
     /// Rebuilds the transports when the table changed (or when forced).

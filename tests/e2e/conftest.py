@@ -18,6 +18,7 @@ PORT = int(os.environ.get("E2E_PORT", "5499"))
 # The listener worker (HTTP: webhooks, tracking, unsubscribe) of database `mail`.
 LISTEN_PORT = PORT + 11
 LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
+INBOUND_PORT = PORT + 12  # the listener's SMTP/LMTP service (bounce, complaint and reply mail)
 CLUSTER_DIR = os.path.join(E2E_DIR, "pg")
 CLUSTER_SH = os.path.join(ROOT, "scripts", "cluster.sh")
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -33,6 +34,7 @@ CONF = [
     "pg_email.default_sender = 'pg_email tests <tests@example.org>'",
     "log_min_messages = info",
     f"pg_email.listen_address = '127.0.0.1:{LISTEN_PORT}'",
+    f"pg_email.inbound_address = '127.0.0.1:{INBOUND_PORT}'",
 ]
 
 

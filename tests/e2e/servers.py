@@ -3,7 +3,7 @@
 Everything here listens on 127.0.0.1 only and is meant to run under Debian's /usr/bin/python3
 (which has python3-aiosmtpd), as root.
 
-    Postfix(base_dir, port, reject=None)    a private Postfix instance delivering into a Maildir
+    Postfix(base_dir, port, reject=None)    a private Postfix instance delivering into a Maildir (or relaying)
     AioSmtp(port, tls=..., auth=..., ...)   an aiosmtpd server in a thread of this process
     make_ca(dir)                            a test CA + server cert, and an unrelated second CA
     Blackhole(port)                         accepts TCP connections and never says a word
@@ -187,6 +187,13 @@ showq     unix  n       -       n       -       -       showq
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+# The delivery agents of a relaying instance (Postfix(relay=...)).
+_MASTER_CF_DELIVERY = """\
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+lmtp      unix  -       -       n       -       -       lmtp
+"""
+
 
 class Postfix(Server):
     """A private Postfix instance (config, queue, data, Maildir and log all under base_dir),
@@ -199,15 +206,25 @@ class Postfix(Server):
     base_dir must be under /var/tmp or the checkout's .e2e/ (not /tmp) and every directory above it
     must be searchable by user postfix. start() wipes the instance's own sub-directories
     (etc, queue, data, Maildir, maillog) so each start begins with an empty queue and Maildir.
+
+    relay = {domain: nexthop} makes a relay of it: mail for those domains is accepted from
+    127.0.0.0/8 too (relay_domains) and passed on by transport_maps, e.g. {"nowhere.test":
+    "smtp:[127.0.0.1]:2525", "bounces.test": "lmtp:inet:[127.0.0.1]:2424"}; the smtp and lmtp
+    delivery agents are then in master.cf. Mail Postfix writes itself (bounces) is routed the same
+    way. main_cf = {parameter: value} adds main.cf parameters or replaces the defaults above (two
+    instances that talk to each other need different `myhostname`s, or Postfix sees a loop).
     """
 
     DEFAULT_DOMAINS = ("example.test", "x.test")
 
-    def __init__(self, base_dir, port, reject=None, *, domains=DEFAULT_DOMAINS, start_timeout=60.0):
+    def __init__(self, base_dir, port, reject=None, *, domains=DEFAULT_DOMAINS, relay=None, main_cf=None,
+                 start_timeout=60.0):
         self.base_dir = os.path.abspath(base_dir)
         self.port = int(port)
         self.reject = dict(reject or {})
         self.domains = tuple(domains)
+        self.relay = dict(relay or {})
+        self.main_cf = dict(main_cf or {})
         self.start_timeout = start_timeout
         self.config_dir = os.path.join(self.base_dir, "etc")
         self.queue_dir = os.path.join(self.base_dir, "queue")
@@ -215,6 +232,7 @@ class Postfix(Server):
         self.maildir = os.path.join(self.base_dir, "Maildir")
         self.maillog = os.path.join(self.base_dir, "maillog")
         self.reject_map = os.path.join(self.config_dir, "reject_recipients")
+        self.transport_map = os.path.join(self.config_dir, "transport")
         self.host = HOST
 
     def __repr__(self):
@@ -288,7 +306,23 @@ class Postfix(Server):
             ("maximal_backoff_time", "2s"),
             ("notify_classes", ""),
         ]
+        given = {}
+        if self.relay:
+            given.update(relay_domains=", ".join(self.relay), transport_maps=f"texthash:{self.transport_map}",
+                         lmtp_host_lookup="native")
+        given.update(self.main_cf)
+        if given:  # replaced in place, the rest appended
+            params = [(k, given.pop(k, v)) for k, v in params] + list(given.items())
         return "".join(f"{k} = {v}\n" for k, v in params)
+
+    def _write_transport_map(self):
+        with open(self.transport_map, "w") as f:
+            for domain, nexthop in self.relay.items():
+                if any(c.isspace() for c in domain + nexthop) or not nexthop:
+                    raise ValueError(f"bad relay entry {domain!r}: {nexthop!r}")
+                f.write(f"{domain.lower()} {nexthop}\n")
+        os.chmod(self.transport_map, 0o644)
+        _backdate(self.transport_map)
 
     def _write_reject_map(self):
         tmp = self.reject_map + ".tmp"
@@ -331,9 +365,13 @@ class Postfix(Server):
             f.write(self._main_cf())
         with open(os.path.join(self.config_dir, "master.cf"), "w") as f:
             f.write(_MASTER_CF.format(host=HOST, port=self.port))
+            if self.relay:
+                f.write(_MASTER_CF_DELIVERY)
         _backdate(os.path.join(self.config_dir, "main.cf"))
         _backdate(os.path.join(self.config_dir, "master.cf"))
         self._write_reject_map()
+        if self.relay:
+            self._write_transport_map()
         os.makedirs(self.queue_dir, mode=0o755)
         os.makedirs(self.data_dir, mode=0o700)
         os.chown(self.data_dir, pf.pw_uid, pf.pw_gid)

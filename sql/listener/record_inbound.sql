@@ -1,0 +1,3 @@
+-- Stores one received message ($1: the parsed row as JSON text, $2: the raw bytes); returns its
+-- email.inbound id.
+SELECT email._record_inbound($1::jsonb, $2)
