@@ -910,6 +910,32 @@ def test_message_over_max_message_size_is_552_and_not_stored(db):
                    every=0.2)
 
 
+def test_thirty_megabytes_over_the_default_limit_is_552_and_not_stored(db):
+    """The acceptance case as stated: 30 MB against the default 25 MB limit, over plain SMTP."""
+    assert ehlo_size() == 25 * 1024 * 1024
+    subj = f"thirty megabytes {uuid.uuid4().hex[:8]}"
+    head = f"From: <big@example.net>\r\nSubject: {subj}\r\n\r\n".encode()
+    raw = head + (b"z" * 998 + b"\r\n") * (30 * 1024 * 1024 // 1000)
+    with smtp_client(timeout=SLOW) as c:
+        c.ehlo()
+        assert c.mail("big@example.net")[0] == 250
+        assert c.rcpt(addr("huge", REPLY_DOMAIN))[0] == 250
+        code, text = c.data(raw)
+    assert code == 552, (code, text)
+    assert inbound_rows(db, "subject = %s", subj) == []
+
+
+def test_inbound_rows_follow_purge(db):
+    """email.purge(older_than) removes inbound mail received before then, and nothing newer."""
+    subj = f"old mail {uuid.uuid4().hex[:8]}"
+    old = ingest(db, f"From: <a@example.net>\r\nSubject: {subj}\r\n\r\nold\r\n".encode(), [f"x@{REPLY_DOMAIN}"])
+    new = ingest(db, f"From: <a@example.net>\r\nSubject: {subj} new\r\n\r\nnew\r\n".encode(), [f"x@{REPLY_DOMAIN}"])
+    db.all("UPDATE email.inbound SET received_at = now() - interval '400 days' WHERE id = %s", old)
+    db.val("SELECT email.purge('399 days')")
+    assert db.val("SELECT count(*) FROM email.inbound WHERE id = %s", old) == 0
+    assert db.val("SELECT count(*) FROM email.inbound WHERE id = %s", new) == 1
+
+
 def test_five_thousand_messages_over_eight_lmtp_connections_are_stored_once(db):
     total, conns = 5000, 8
     run = uuid.uuid4().hex[:8]
