@@ -230,10 +230,11 @@ REVOKE ALL ON FUNCTION email._may_act(text, text) FROM PUBLIC;
 -- Hearing back: every event is a receipt (webhooks, tracking, inbound), with where it came
 -- from and what the provider said. Receipts written by 0.1.0 came from the worker, except the
 -- suppressed and cancelled ones, written by the SQL functions.
+CREATE DOMAIN email.receipt_source AS text CHECK (VALUE IN ('worker', 'webhook', 'tracking', 'inbound', 'api'));
+CREATE DOMAIN email.bounce_type AS text CHECK (VALUE IN ('hard', 'soft', 'block'));
 ALTER TABLE email.receipts
-    ADD COLUMN source text NOT NULL DEFAULT 'worker'
-        CHECK (source IN ('worker', 'webhook', 'tracking', 'inbound', 'api')),
-    ADD COLUMN bounce_type text CHECK (bounce_type IN ('hard', 'soft', 'block')),
+    ADD COLUMN source email.receipt_source NOT NULL DEFAULT 'worker',
+    ADD COLUMN bounce_type email.bounce_type,
     ADD COLUMN url text,
     ADD COLUMN user_agent text,
     ADD COLUMN ip inet,
@@ -343,16 +344,30 @@ BEGIN
         FROM rows r
         WHERE r.mid IS NOT NULL AND r.event <> 'unknown'
         ON CONFLICT (transport, provider_event_id) WHERE provider_event_id IS NOT NULL DO NOTHING
-        RETURNING message_id, event, recipient, bounce_type
+        RETURNING message_id, event, recipient, bounce_type, source
     ), suppressed AS (
         INSERT INTO email.suppressions (address, reason, message_id)
         SELECT DISTINCT ON (i.recipient) i.recipient,
                CASE i.event WHEN 'bounced' THEN 'bounced' ELSE i.event END, i.message_id
         FROM ins i
         WHERE i.recipient IS NOT NULL
-          AND (i.event IN ('complained', 'unsubscribed') OR (i.event = 'bounced' AND i.bounce_type = 'hard'))
+          AND (i.event = 'complained' OR (i.event = 'bounced' AND i.bounce_type = 'hard')
+               -- Leaving a topic's mail leaves that topic (below), unless the topic is gone.
+               OR (i.event = 'unsubscribed' AND NOT EXISTS (
+                       SELECT 1 FROM email.messages m JOIN email.topics t ON t.name = m.topic
+                       WHERE m.id = i.message_id)))
         ORDER BY i.recipient, i.event
         ON CONFLICT (address) DO NOTHING
+    ), left_topic AS (
+        INSERT INTO email.subscriptions AS s (address, topic, subscribed, updated_at, source)
+        SELECT DISTINCT ON (i.recipient, m.topic) i.recipient, m.topic, false, now(), i.source
+        FROM ins i
+        JOIN email.messages m ON m.id = i.message_id
+        JOIN email.topics t ON t.name = m.topic
+        WHERE i.event = 'unsubscribed' AND i.recipient IS NOT NULL
+        ORDER BY i.recipient, m.topic
+        ON CONFLICT ON CONSTRAINT subscriptions_pkey
+        DO UPDATE SET subscribed = false, updated_at = now(), source = excluded.source
     ), delivered AS (
         UPDATE email.messages m SET status = 'delivered', updated_at = now()
         WHERE m.id IN (SELECT i.message_id FROM ins i WHERE i.event = 'delivered') AND m.status = 'sent'
@@ -388,7 +403,7 @@ END $$;
 REVOKE ALL ON FUNCTION email._address(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION email._record_events(jsonb) FROM PUBLIC;
 
--- email.send and email.send_template take track_opens, track_clicks and list_unsubscribe.
+-- email.send and email.send_template take track_opens, track_clicks, topic and list_unsubscribe.
 DROP FUNCTION email.send(text, text, text, text, text, text, text, text, jsonb, jsonb, text[], jsonb, timestamp with time zone, text, text, integer);
 CREATE FUNCTION email.send(
     "recipients" TEXT, "subject" TEXT, "body" TEXT DEFAULT NULL, "html" TEXT DEFAULT NULL,
@@ -396,7 +411,8 @@ CREATE FUNCTION email.send(
     "headers" jsonb DEFAULT NULL, "attachments" jsonb DEFAULT NULL, "tags" TEXT[] DEFAULT NULL,
     "metadata" jsonb DEFAULT NULL, "send_at" timestamp with time zone DEFAULT NULL,
     "idempotency_key" TEXT DEFAULT NULL, "transport" TEXT DEFAULT NULL, "priority" INT DEFAULT 0,
-    "track_opens" bool DEFAULT NULL, "track_clicks" bool DEFAULT NULL, "list_unsubscribe" bool DEFAULT NULL
+    "track_opens" bool DEFAULT NULL, "track_clicks" bool DEFAULT NULL, "topic" TEXT DEFAULT NULL,
+    "list_unsubscribe" bool DEFAULT NULL
 ) RETURNS bigint
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, email, pg_temp
@@ -409,7 +425,8 @@ CREATE FUNCTION email.send_template(
     "attachments" jsonb DEFAULT NULL, "tags" TEXT[] DEFAULT NULL, "metadata" jsonb DEFAULT NULL,
     "send_at" timestamp with time zone DEFAULT NULL, "idempotency_key" TEXT DEFAULT NULL,
     "transport" TEXT DEFAULT NULL, "priority" INT DEFAULT 0,
-    "track_opens" bool DEFAULT NULL, "track_clicks" bool DEFAULT NULL, "list_unsubscribe" bool DEFAULT NULL
+    "track_opens" bool DEFAULT NULL, "track_clicks" bool DEFAULT NULL, "topic" TEXT DEFAULT NULL,
+    "list_unsubscribe" bool DEFAULT NULL
 ) RETURNS bigint
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, email, pg_temp
@@ -515,6 +532,298 @@ SET search_path TO pg_catalog, email, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'ingest_message_wrapper';
 REVOKE ALL ON FUNCTION email.ingest_message(bytea, text[], text) FROM PUBLIC;
 
+-- Deliverability and consent: DKIM keys, topics and subscriptions, erasure.
+ALTER TABLE email.messages ADD COLUMN topic text;
+-- DKIM keys: the public half. A message from a domain (or a subdomain of one) with a key is
+-- signed with the newest key of each algorithm.
+CREATE TABLE email.dkim_keys (
+    domain      text NOT NULL,
+    selector    text NOT NULL,
+    algorithm   text NOT NULL CHECK (algorithm IN ('rsa-sha256', 'ed25519-sha256')),
+    dns_name    text GENERATED ALWAYS AS (selector || '._domainkey.' || domain) STORED,
+    dns_value   text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (domain, selector)
+);
+
+-- DKIM keys: the private half, readable by the extension's owner only.
+CREATE TABLE email.dkim_secrets (
+    domain      text NOT NULL,
+    selector    text NOT NULL,
+    private_key text NOT NULL,
+    PRIMARY KEY (domain, selector),
+    FOREIGN KEY (domain, selector) REFERENCES email.dkim_keys (domain, selector) ON DELETE CASCADE ON UPDATE CASCADE
+);
+
+-- Topics a message can be about; a recipient gets topic mail when subscribed to it (or, for a
+-- topic subscribed by default, unless they left it).
+CREATE TABLE email.topics (
+    name                text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.\-/]{1,128}$'),
+    description         text,
+    default_subscribed  boolean NOT NULL DEFAULT false,
+    created_at          timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE email.subscriptions (
+    address     text NOT NULL CHECK (address = lower(address)),
+    topic       text NOT NULL REFERENCES email.topics (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    subscribed  boolean NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    source      text NOT NULL DEFAULT 'manual'
+                    CHECK (source IN ('api', 'tracking', 'webhook', 'inbound', 'manual')),
+    PRIMARY KEY (address, topic)
+);
+CREATE INDEX subscriptions_topic ON email.subscriptions (topic, subscribed);
+
+-- Addresses erased with email.forget are never mailed again: kept as a salted SHA-256 of the
+-- lower-cased address, with the installation's salt beside it (owner only).
+CREATE TABLE email.forgotten (
+    hash            bytea PRIMARY KEY,
+    forgotten_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE email.forget_salt (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    salt    bytea NOT NULL CHECK (length(salt) >= 16)
+);
+REVOKE ALL ON email.dkim_keys, email.dkim_secrets, email.topics, email.subscriptions, email.forgotten,
+    email.forget_salt FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('email.dkim_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('email.dkim_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('email.topics', '');
+SELECT pg_catalog.pg_extension_config_dump('email.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('email.forgotten', '');
+SELECT pg_catalog.pg_extension_config_dump('email.forget_salt', '');
+
+-- Consent: topics, subscriptions, and the right to erasure.
+
+-- The salted hash under which email.forget keeps an erased address (NULL before the first
+-- email.forget made the salt).
+CREATE FUNCTION email._forgotten_hash(address text) RETURNS bytea
+LANGUAGE sql STABLE SET search_path = pg_catalog, email, pg_temp
+RETURN (SELECT sha256(s.salt || convert_to(lower(address), 'UTF8')) FROM email.forget_salt s);
+
+-- The bare, lower-cased address of an argument; 22023 naming `field` when it is not one.
+CREATE FUNCTION email._checked_address(mailbox text, field text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    a text := email._address(mailbox);
+BEGIN
+    IF a IS NULL OR a !~ '^[^@[:space:]<>,;"]+@[^@[:space:]<>,;"*]+$' THEN
+        RAISE EXCEPTION 'invalid %: "%" is not an email address', field, mailbox
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN a;
+END $$;
+
+-- 42704 unless topic `name` exists.
+CREATE FUNCTION email._require_topic(name text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM email.topics t WHERE t.name = _require_topic.name) THEN
+        RAISE EXCEPTION 'topic "%" does not exist', name
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Create it with INSERT INTO email.topics (name, description, default_subscribed).';
+    END IF;
+END $$;
+
+-- Records that an address joined or left a topic through the SQL API.
+CREATE FUNCTION email._set_subscription(address text, topic text, subscribed boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    a text := email._checked_address(_set_subscription.address, 'address');
+BEGIN
+    PERFORM email._require_topic(_set_subscription.topic);
+    INSERT INTO email.subscriptions AS s (address, topic, subscribed, updated_at, source)
+    VALUES (a, _set_subscription.topic, _set_subscription.subscribed, now(), 'api')
+    ON CONFLICT ON CONSTRAINT subscriptions_pkey
+    DO UPDATE SET subscribed = excluded.subscribed, updated_at = now(), source = 'api';
+END $$;
+
+-- Subscribes an address to a topic.
+CREATE FUNCTION email.subscribe(address text, topic text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+RETURN email._set_subscription(address, topic, true);
+
+-- Takes an address off a topic; without a topic, off all mail (a suppression, 'unsubscribed').
+CREATE FUNCTION email.unsubscribe(address text, topic text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF unsubscribe.topic IS NULL THEN
+        INSERT INTO email.suppressions (address, reason)
+        VALUES (email._checked_address(unsubscribe.address, 'address'), 'unsubscribed')
+        ON CONFLICT DO NOTHING;
+    ELSE
+        PERFORM email._set_subscription(unsubscribe.address, unsubscribe.topic, false);
+    END IF;
+END $$;
+
+-- Removes a DKIM key; true if it existed.
+CREATE FUNCTION email.remove_dkim_key(domain text, selector text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+BEGIN ATOMIC
+    WITH removed AS (
+        DELETE FROM email.dkim_keys k
+        WHERE k.domain = lower(btrim(remove_dkim_key.domain)) AND k.selector = lower(btrim(remove_dkim_key.selector))
+        RETURNING 1
+    )
+    SELECT count(*) > 0 FROM removed;
+END;
+
+-- Erases an address from every pg_email table in the caller's transaction (DESIGN.md
+-- "Consent"): messages sent to it alone lose their contents, attachments and captured bytes;
+-- messages to several people lose it from their recipient lists; receipts keep their event
+-- (statistics do not change) but lose the recipient, client and payload; inbound mail from or
+-- about it, unmatched events naming it and its subscriptions are deleted; any other text,
+-- jsonb or array value naming it is redacted to '[forgotten]'. Configuration (transports,
+-- templates, keys) is not rewritten. The address stays suppressed as a salted hash. Returns
+-- how many rows of each table were changed or deleted.
+CREATE FUNCTION email.forget(address text) RETURNS TABLE (relation text, "rows" bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    a text := email._checked_address($1, 'address');
+    -- The address, and its percent-encoded form (in URLs), as a case-insensitive pattern.
+    re text;
+    needle text;
+    alone bigint[];
+    shared bigint[];
+    counts jsonb := '{}';
+    n bigint;
+    c record;
+BEGIN
+    -- Every character but letters, digits, '@' and '_' is escaped (a backslash makes it literal).
+    re := '(' || regexp_replace(a, '([^[:alnum:]@_])', '\\\1', 'g') || '|'
+              || regexp_replace(replace(a, '@', '%40'), '([^[:alnum:]@_])', '\\\1', 'g') || ')';
+    needle := lower(encode(convert_to(a, 'UTF8'), 'escape'));
+
+    -- Messages it was a recipient of: to it alone, or to several people.
+    SELECT coalesce(array_agg(x.id) FILTER (WHERE x.alone), '{}'), coalesce(array_agg(x.id) FILTER (WHERE NOT x.alone), '{}')
+    INTO alone, shared
+    FROM (
+        SELECT m.id, bool_and(email._address(r) = a) AS alone
+        FROM email.messages m, unnest(m.recipients || coalesce(m.cc, '{}') || coalesce(m.bcc, '{}')) AS r
+        WHERE array_to_string(m.recipients || coalesce(m.cc, '{}') || coalesce(m.bcc, '{}'), ' ') ~* re
+        GROUP BY m.id
+        HAVING bool_or(email._address(r) = a)
+    ) x;
+
+    UPDATE email.messages m
+    SET recipients = '{}', cc = NULL, bcc = NULL, pending_recipients = NULL, reply_to = NULL, subject = NULL,
+        body = NULL, html = NULL, data = NULL, headers = NULL, metadata = NULL, attachment_count = 0,
+        last_error = NULL,
+        -- Mail not sent yet is not sent now.
+        status = CASE WHEN m.status = 'queued' THEN 'cancelled' ELSE m.status END,
+        updated_at = now()
+    WHERE m.id = ANY (alone);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE email.messages m
+    SET recipients = ARRAY(SELECT r FROM unnest(m.recipients) r WHERE email._address(r) <> a),
+        cc = nullif(ARRAY(SELECT r FROM unnest(m.cc) r WHERE email._address(r) <> a), '{}'),
+        bcc = nullif(ARRAY(SELECT r FROM unnest(m.bcc) r WHERE email._address(r) <> a), '{}'),
+        pending_recipients = CASE WHEN m.pending_recipients IS NOT NULL THEN
+            ARRAY(SELECT r FROM unnest(m.pending_recipients) r WHERE email._address(r) <> a) END,
+        updated_at = now()
+    WHERE m.id = ANY (shared);
+    counts := counts || jsonb_build_object('email.messages', n + (SELECT count(*) FROM unnest(shared)));
+
+    DELETE FROM email.attachments t WHERE t.message_id = ANY (alone);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.attachments', n);
+    DELETE FROM email.captured t
+    WHERE t.message_id = ANY (alone || shared) OR array_to_string(t.envelope_to, ' ') ~* re;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.captured', n);
+
+    UPDATE email.receipts t
+    SET recipient = NULL, ip = NULL, user_agent = NULL, payload = NULL,
+        url = CASE WHEN t.url ~* re THEN NULL ELSE t.url END,
+        response = regexp_replace(t.response, re, '[forgotten]', 'gi')
+    WHERE t.recipient = a OR t.message_id = ANY (alone);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.receipts', n);
+
+    DELETE FROM email.inbound t
+    WHERE t.message_id = ANY (alone) OR email._address(t.from_address) = a OR lower(t.mail_from) = a
+       OR array_to_string(t.rcpt_to, ' ') ~* re;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.inbound', n);
+
+    DELETE FROM email.unmatched_events t WHERE lower(t.recipient) = a;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.unmatched_events', n);
+    DELETE FROM email.subscriptions t WHERE t.address = a;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.subscriptions', n);
+    DELETE FROM email.suppressions t WHERE t.address = a;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    counts := counts || jsonb_build_object('email.suppressions', n);
+
+    -- Whatever else names it: every text, json, array and bytea column of pg_email's other
+    -- tables. Rows of bytes (captured, inbound, attachments) that contain it are deleted.
+    FOR c IN
+        SELECT cl.relname, at.attname, format_type(at.atttypid, at.atttypmod) AS type
+        FROM pg_class cl
+        JOIN pg_namespace ns ON ns.oid = cl.relnamespace AND ns.nspname = 'email'
+        JOIN pg_attribute at ON at.attrelid = cl.oid AND at.attnum > 0 AND NOT at.attisdropped
+        WHERE cl.relkind = 'r'
+          AND cl.relname NOT IN ('transports', 'transport_secrets', 'templates', 'template_versions', 'dkim_keys',
+                                 'dkim_secrets', 'tracking_keys', 'sns_certificates', 'forgotten', 'forget_salt')
+          AND at.atttypid IN ('text'::regtype, 'varchar'::regtype, 'text[]'::regtype, 'jsonb'::regtype,
+                              'json'::regtype, 'bytea'::regtype)
+          AND at.attgenerated = ''
+        ORDER BY cl.relname, at.attnum
+    LOOP
+        IF c.type = 'bytea' THEN
+            EXECUTE format('DELETE FROM email.%I WHERE strpos(lower(encode(%I, ''escape'')), $1) > 0', c.relname, c.attname)
+                USING needle;
+        ELSIF c.type = 'text[]' THEN
+            EXECUTE format('UPDATE email.%1$I SET %2$I = ARRAY(SELECT regexp_replace(x, $1, ''[forgotten]'', ''gi'') '
+                           'FROM unnest(%2$I) WITH ORDINALITY AS u(x, o) ORDER BY o) WHERE array_to_string(%2$I, '' '') ~* $1',
+                           c.relname, c.attname)
+                USING re;
+        ELSE
+            EXECUTE format('UPDATE email.%1$I SET %2$I = regexp_replace(%2$I::text, $1, ''[forgotten]'', ''gi'')::%3$s '
+                           'WHERE %2$I::text ~* $1', c.relname, c.attname, c.type)
+                USING re;
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n > 0 THEN
+            counts := jsonb_set(counts, ARRAY['email.' || c.relname],
+                                to_jsonb(coalesce((counts->>('email.' || c.relname))::bigint, 0) + n));
+        END IF;
+    END LOOP;
+
+    -- Never mailed again: the salt is made by the first erasure.
+    INSERT INTO email.forget_salt (salt) VALUES (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()))
+    ON CONFLICT DO NOTHING;
+    INSERT INTO email.forgotten (hash) VALUES (email._forgotten_hash(a)) ON CONFLICT DO NOTHING;
+    RETURN QUERY SELECT e.key, e.value::bigint FROM jsonb_each_text(counts) AS e ORDER BY e.key;
+END $$;
+
+CREATE TRIGGER dkim_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.dkim_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+CREATE TRIGGER topics_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.topics
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+CREATE TRIGGER forgotten_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.forgotten
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+REVOKE ALL ON FUNCTION email._forgotten_hash(text), email._checked_address(text, text), email._require_topic(text),
+    email._set_subscription(text, text, boolean),
+    email.subscribe(text, text), email.unsubscribe(text, text), email.remove_dkim_key(text, text), email.forget(text)
+    FROM PUBLIC;
+CREATE FUNCTION email.add_dkim_key(
+    "domain" TEXT, "selector" TEXT, "private_key" TEXT DEFAULT NULL, "algorithm" TEXT DEFAULT 'rsa-sha256'
+) RETURNS TEXT
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, email, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'add_dkim_key_wrapper';
+REVOKE ALL ON FUNCTION email.add_dkim_key(text, text, text, text) FROM PUBLIC;
+CREATE FUNCTION email.domain_setup("domain" TEXT)
+RETURNS TABLE ("record_type" TEXT, "name" TEXT, "value" TEXT, "purpose" TEXT)
+STABLE SECURITY DEFINER PARALLEL SAFE
+SET search_path TO pg_catalog, email, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'domain_setup_wrapper';
+REVOKE ALL ON FUNCTION email.domain_setup(text) FROM PUBLIC;
+
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
 COMMENT ON FUNCTION email._may_act(text, text) IS 'True when a role may cancel or retry a message: it queued it, or it is a member of the extension owner''s role.';
@@ -559,6 +868,8 @@ COMMENT ON COLUMN email.receipts.provider_code IS 'A provider API''s own error c
 COMMENT ON COLUMN email.receipts.response IS 'The reply text, with any secret of the transport replaced by ***.';
 COMMENT ON COLUMN email.receipts.duration_ms IS 'How long the attempt took.';
 COMMENT ON COLUMN email.receipts.source IS 'Where the event came from: worker (a delivery attempt), webhook (a provider event), tracking (a pixel, link or unsubscribe hit on the listener), inbound (bounce or complaint mail) or api (email.send, email.cancel).';
+COMMENT ON DOMAIN email.receipt_source IS 'Where a receipt came from: worker, webhook, tracking, inbound or api.';
+COMMENT ON DOMAIN email.bounce_type IS 'What a bounce says about the address: hard (it does not exist: suppressed), soft (try later) or block (refused by policy).';
 COMMENT ON COLUMN email.receipts.bounce_type IS 'For bounced: hard (the address does not work; suppressed), soft (temporary, e.g. a full mailbox) or block (policy or reputation; never suppressed).';
 COMMENT ON COLUMN email.receipts.url IS 'For clicked: the link''s destination.';
 COMMENT ON COLUMN email.receipts.user_agent IS 'For opened, clicked and unsubscribed: the client''s User-Agent.';
@@ -610,6 +921,26 @@ COMMENT ON FUNCTION email.ingest_message IS 'Stores one received message (raw by
 COMMENT ON FUNCTION email._record_inbound(jsonb, bytea) IS 'Stores a parsed received message in email.inbound and records its reports through email._record_events.';
 COMMENT ON FUNCTION email._address(text) IS 'The bare, lower-cased address of a stored mailbox.';
 COMMENT ON FUNCTION email.worker_status IS 'One row per worker serving this database: the delivery workers (kind delivery: pid, state, messages in flight, totals since start, last activity) and the listener (kind listener: events stored as sent, requests answered 503 as deferred, refused requests as failed, open connections as in_flight); in a database no worker serves, one row says so.';
+COMMENT ON COLUMN email.messages.topic IS 'The topic the message is about (email.topics): recipients not subscribed to it were dropped at enqueue, and an unsubscribe from it leaves the topic only.';
+COMMENT ON TABLE email.dkim_keys IS 'DKIM keys of sending domains (public half); add them with email.add_dkim_key. Mail from a domain or its subdomains is signed with its newest key of each algorithm.';
+COMMENT ON COLUMN email.dkim_keys.dns_name IS 'Where to publish the key: <selector>._domainkey.<domain>.';
+COMMENT ON COLUMN email.dkim_keys.dns_value IS 'The TXT record value to publish at dns_name.';
+COMMENT ON TABLE email.dkim_secrets IS 'The private half of each DKIM key; readable by the extension owner only. pg_dump includes it: exclude it with --exclude-table-data=email.dkim_secrets when a dump leaves the trusted host.';
+COMMENT ON TABLE email.topics IS 'What mail can be about (newsletter, product updates...); email.send(..., topic => name) sends only to its subscribers.';
+COMMENT ON COLUMN email.topics.default_subscribed IS 'true: everyone gets the topic''s mail until they leave it (opt-out); false: only those who subscribed (opt-in).';
+COMMENT ON TABLE email.subscriptions IS 'Who joined or left which topic, and through what: api (email.subscribe / email.unsubscribe), tracking (the unsubscribe link), inbound (the List-Unsubscribe address), webhook (a provider event) or manual.';
+COMMENT ON TABLE email.forgotten IS 'Addresses erased with email.forget, as salted SHA-256 hashes: they are never mailed again.';
+COMMENT ON TABLE email.forget_salt IS 'The salt of email.forgotten, made by the first email.forget; owner only.';
+COMMENT ON FUNCTION email.subscribe IS 'Subscribes an address to a topic (42704 when the topic does not exist).';
+COMMENT ON FUNCTION email.unsubscribe IS 'Takes an address off a topic, or without a topic off all mail (a suppression with reason unsubscribed).';
+COMMENT ON FUNCTION email.forget IS 'Erases an address from every pg_email table in one transaction, keeps it suppressed as a salted hash, and returns how many rows of each table changed.';
+COMMENT ON FUNCTION email.add_dkim_key IS 'Stores a DKIM key for a sending domain (a PEM in PKCS#1 or PKCS#8 form, or a new RSA 2048 / Ed25519 key when none is given) and returns the TXT value to publish at <selector>._domainkey.<domain>.';
+COMMENT ON FUNCTION email.remove_dkim_key IS 'Removes a DKIM key; true if it existed. Mail is signed with the remaining keys at once.';
+COMMENT ON FUNCTION email.domain_setup IS 'The DNS records to publish for sending from a domain: DKIM TXT per key, an SPF hint from the transports, a DMARC starter, and the MX and SPF of pg_email.bounce_domain when it lies under the domain.';
+COMMENT ON FUNCTION email._forgotten_hash(text) IS 'The salted hash under which email.forget keeps an erased address.';
+COMMENT ON FUNCTION email._checked_address(text, text) IS 'The bare, lower-cased address of an argument; 22023 naming the field when it is not an address.';
+COMMENT ON FUNCTION email._require_topic(text) IS '42704 unless the topic exists.';
+COMMENT ON FUNCTION email._set_subscription(text, text, boolean) IS 'Records that an address joined or left a topic through the SQL API.';
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();

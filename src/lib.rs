@@ -20,6 +20,7 @@ pub mod api;
 pub mod bgw;
 pub mod catalog;
 pub mod deliver;
+pub mod dkim;
 pub mod draft;
 pub mod gucs;
 pub mod inbound;

@@ -61,19 +61,28 @@ fn retry_one(client: &mut pgrx::spi::SpiClient, id: i64, caller: &str) -> bool {
         mailboxes.extend(crate::message::stored_list(field, &list).unwrap_or_default());
     }
     let bare: Vec<String> = mailboxes.iter().map(crate::message::bare_address).collect();
-    let suppressed = super::send::suppressed(client, &bare);
-    super::send::record_suppressed(client, id, &transport, &bare, &suppressed);
+    // Recipients suppressed since, or who left the message's topic since (a topic deleted since
+    // no longer filters), are not retried.
+    let topic: Option<String> = row.get_by_name("topic").ok().flatten();
+    let topic_default: Option<bool> = row.get_by_name("topic_default").ok().flatten();
+    let topic = topic.as_deref().zip(topic_default);
+    let dropped = super::send::dropped(client, true, topic, &bare);
+    super::send::record_suppressed(client, id, &transport, &bare, &dropped);
     let pending: Vec<String> = mailboxes
         .iter()
-        .filter(|m| !suppressed.contains(&crate::message::bare_address(m)))
+        .filter(|m| !dropped.iter().any(|(a, _)| *a == crate::message::bare_address(m)))
         .map(|m| crate::message::ascii_address(&m.email).to_string())
         .collect();
     if pending.is_empty() {
-        notice!("message {id} is not retried: every recipient is on the suppression list");
+        if topic.is_none() {
+            notice!("message {id} is not retried: every recipient is on the suppression list");
+        } else {
+            notice!("message {id} is not retried: every recipient is on the suppression list or has left its topic");
+        }
         client.update(MARK_SUPPRESSED, None, &[id.into()]).unwrap_or_else(|e| spi_failed(e));
         return false;
     }
-    let pending = (!suppressed.is_empty()).then_some(pending);
+    let pending = (!dropped.is_empty()).then_some(pending);
     client.update(REQUEUE, None, &[id.into(), pending.into()]).unwrap_or_else(|e| spi_failed(e));
     true
 }

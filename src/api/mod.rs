@@ -16,9 +16,11 @@ use pgrx::prelude::*;
 use crate::message::{show, FieldError};
 
 pub mod admin;
+pub mod dkim;
 pub mod events;
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
+mod probe;
 pub mod send;
 pub mod templates;
 pub mod transports;

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::LazyLock;
 
 use lettre::message::Mailbox;
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
@@ -21,6 +22,12 @@ use crate::message::{self, FieldError};
 
 const TRANSPORT_ROUTE: &str = include_str!("../../sql/api/transport_route.sql");
 const SUPPRESSED_AMONG: &str = include_str!("../../sql/api/suppressed_among.sql");
+
+/// suppressed_among.sql for one address, the common case. With an array parameter the generic
+/// plan assumes ten addresses, so PostgreSQL would plan every call afresh for its one address
+/// (measured: 60 µs a call); a scalar keeps one plan.
+const SUPPRESSED_ONE: &str = include_str!("../../sql/api/suppressed_one.sql");
+const TOPIC: &str = include_str!("../../sql/api/topic.sql");
 const INSERT_MESSAGE: &str = include_str!("../../sql/api/insert_message.sql");
 const INSERT_MESSAGE_ONCE: &str = include_str!("../../sql/api/insert_message_once.sql");
 const MESSAGE_BY_KEY: &str = include_str!("../../sql/api/message_by_key.sql");
@@ -38,10 +45,13 @@ pub(crate) struct Routing<'a> {
     /// `(name, version, data)` for template mail.
     pub template: Option<(&'a str, i32, &'a serde_json::Value)>,
     pub track: Track,
+    /// The topic the message is about: only its subscribers get it.
+    pub topic: Option<&'a str>,
 }
 
 /// The call's `track_opens`, `track_clicks` and `list_unsubscribe` (NULL: the settings
-/// pg_email.track_opens / pg_email.track_clicks; List-Unsubscribe: off without a topic).
+/// pg_email.track_opens / pg_email.track_clicks; List-Unsubscribe: on for a topic when there is
+/// a URL for the link, else off).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Track {
     pub opens: Option<bool>,
@@ -51,13 +61,14 @@ pub(crate) struct Track {
 
 impl Track {
     /// The resolved flags; a flag that is on needs a URL for the links.
-    fn resolve(self) -> [bool; 3] {
+    fn resolve(self, topic: bool) -> [bool; 3] {
+        let url = gucs::public_url().is_some();
         let flags = [
             self.opens.unwrap_or_else(gucs::track_opens),
             self.clicks.unwrap_or_else(gucs::track_clicks),
-            self.list_unsubscribe.unwrap_or(false),
+            self.list_unsubscribe.unwrap_or(topic && url),
         ];
-        if gucs::public_url().is_none() {
+        if !url {
             for (on, field) in flags.iter().zip(["track_opens", "track_clicks", "list_unsubscribe"]) {
                 if *on {
                     invalid(FieldError::new(
@@ -90,6 +101,33 @@ type RouteCache = (u64, HashMap<Option<String>, Rc<Route>>);
 thread_local! {
     /// Transport lookups, valid while the configuration generation is unchanged.
     static ROUTES: RefCell<RouteCache> = RefCell::new((0, HashMap::new()));
+    /// Topics' `default_subscribed`, valid while the configuration generation is unchanged.
+    static TOPICS: RefCell<(u64, HashMap<String, bool>)> = RefCell::new((0, HashMap::new()));
+}
+
+/// Whether a topic is subscribed by default; raises 42704 when it does not exist.
+fn topic_default(client: &mut SpiClient, topic: &str) -> bool {
+    let generation = crate::shmem::config_generation();
+    let cached = TOPICS.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.0 != generation || generation == 0 {
+            *t = (generation, HashMap::new());
+        }
+        t.1.get(topic).copied()
+    });
+    if let Some(d) = cached {
+        return d;
+    }
+    let found = run_prepared(client, TOPIC, Some(1), &[topic.into()]);
+    let Some(default) = (!found.is_empty()).then(|| found.first().get::<bool>(1).ok().flatten()).flatten() else {
+        undefined(
+            "topic",
+            topic,
+            Some("Create it with INSERT INTO email.topics (name, description, default_subscribed)."),
+        )
+    };
+    TOPICS.with(|t| t.borrow_mut().1.insert(topic.to_string(), default));
+    default
 }
 
 /// The transport a call uses (its own, or the default), from the cache when it is current;
@@ -129,22 +167,45 @@ fn lookup_route(client: &mut SpiClient, transport: Option<&str>) -> Rc<Route> {
     route
 }
 
-/// The recipients of this message that are on the suppression list (bare, lower-cased).
-fn suppressed_among(client: &mut SpiClient, route: &Route, bare: &[String]) -> Vec<String> {
-    if !route.any_suppressed {
-        return Vec::new();
-    }
-    suppressed(client, bare)
+/// The recipients of this message not to be mailed (bare, lower-cased), each with why: on the
+/// suppression list, or not subscribed to the message's topic.
+fn dropped_among(client: &mut SpiClient, route: &Route, topic: Option<&str>, bare: &[String]) -> Vec<(String, String)> {
+    let topic = topic.map(|t| (t, topic_default(client, t)));
+    dropped(client, route.any_suppressed, topic, bare)
 }
 
+/// Which of `bare` are suppressed (looked up only when `any_suppressed`) or not subscribed to
+/// `topic` (its name and `default_subscribed`), each with why.
+pub(crate) fn dropped(
+    client: &mut SpiClient,
+    any_suppressed: bool,
+    topic: Option<(&str, bool)>,
+    bare: &[String],
+) -> Vec<(String, String)> {
+    fn listed(list: Vec<String>, why: &str) -> impl Iterator<Item = (String, String)> + '_ {
+        list.into_iter().map(move |a| (a, why.to_string()))
+    }
+    let mut out: Vec<(String, String)> =
+        if any_suppressed { listed(suppressed(client, bare), ON_THE_LIST).collect() } else { Vec::new() };
+    if let Some((topic, default)) = topic {
+        for a in bare {
+            if !out.iter().any(|(d, _)| d == a) && !super::probe::subscribed(a, topic).unwrap_or(default) {
+                out.push((a.clone(), format!("recipient is not subscribed to topic \"{topic}\"")));
+            }
+        }
+    }
+    out
+}
+
+const ON_THE_LIST: &str = "recipient is on the suppression list";
+
 /// Which of the bare addresses are on the suppression list.
-pub(crate) fn suppressed(client: &mut SpiClient, bare: &[String]) -> Vec<String> {
-    run_prepared(client, SUPPRESSED_AMONG, Some(1), &[bare.to_vec().into()])
-        .first()
-        .get_by_name::<Vec<String>, _>("suppressed")
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+fn suppressed(client: &mut SpiClient, bare: &[String]) -> Vec<String> {
+    let found = match bare {
+        [one] => run_prepared(client, SUPPRESSED_ONE, Some(1), &[one.as_str().into()]),
+        _ => run_prepared(client, SUPPRESSED_AMONG, Some(1), &[bare.to_vec().into()]),
+    };
+    found.first().get_by_name::<Vec<String>, _>("suppressed").ok().flatten().unwrap_or_default()
 }
 
 /// The sender: the call's, else the transport's `from=`, else `pg_email.default_sender`.
@@ -164,22 +225,42 @@ struct Kept {
     lists: [Vec<Mailbox>; 3],
     /// Every recipient was suppressed: the lists stay whole, so the row says who it was for.
     all_suppressed: bool,
+    /// The one recipient, dropped, and why: its receipt is written with the row, in one
+    /// statement instead of two.
+    receipt: Option<(String, String)>,
 }
 
-/// The recipient lists without suppressed addresses.
-fn drop_suppressed(c: &Checked, suppressed: &[String]) -> Kept {
+/// The recipient lists without dropped addresses.
+fn drop_suppressed(c: &Checked, dropped: &[(String, String)]) -> Kept {
     let keep = |list: &[Mailbox]| -> Vec<Mailbox> {
-        list.iter().filter(|m| !suppressed.contains(&message::bare_address(m))).cloned().collect()
+        list.iter().filter(|m| !dropped.iter().any(|(a, _)| *a == message::bare_address(m))).cloned().collect()
     };
     let kept = [keep(&c.to), keep(&c.cc), keep(&c.bcc)];
     if kept.iter().all(Vec::is_empty) {
-        Kept { lists: [c.to.clone(), c.cc.clone(), c.bcc.clone()], all_suppressed: true }
+        let receipt = match dropped {
+            [one] if c.to.len() + c.cc.len() + c.bcc.len() == 1 => Some(one.clone()),
+            _ => None,
+        };
+        Kept { lists: [c.to.clone(), c.cc.clone(), c.bcc.clone()], all_suppressed: true, receipt }
     } else {
-        Kept { lists: kept, all_suppressed: false }
+        Kept { lists: kept, all_suppressed: false, receipt: None }
     }
 }
 
+/// insert_message.sql and insert_message_once.sql for a message to one recipient who was
+/// dropped: the row and its 'suppressed' receipt ($28 recipient, $29 why) in one statement.
+static INSERT_SUPPRESSED: LazyLock<[&'static str; 2]> = LazyLock::new(|| {
+    [INSERT_MESSAGE, INSERT_MESSAGE_ONCE].map(|sql| {
+        &*format!(
+            "WITH m AS (\n{sql}\n)\nINSERT INTO email.receipts (message_id, event, transport, recipient, response, source)\n\
+             SELECT m.id, 'suppressed', $1, $28, $29, 'api' FROM m\nRETURNING message_id AS id"
+        )
+        .leak()
+    })
+});
+
 /// Inserts the outbox row; returns its id, or the existing id for a known idempotency key.
+/// `receipt`: the one recipient, dropped, and why; its receipt is written in the same statement.
 fn insert_message(
     client: &mut SpiClient,
     d: &draft::Draft,
@@ -198,8 +279,8 @@ fn insert_message(
     let message_id = message::new_message_id(sender);
     let creator = caller_role();
     let request_hash = d.idempotency_key.map(|_| call_fingerprint(d, r));
-    let [opens, clicks, list_unsubscribe] = r.track.resolve();
-    let args: Vec<DatumWithOid> = vec![
+    let [opens, clicks, list_unsubscribe] = r.track.resolve(r.topic.is_some());
+    let mut args: Vec<DatumWithOid> = vec![
         route.name.as_str().into(),
         message::mailbox_text(sender).into(),
         texts(&to).into(),
@@ -226,8 +307,17 @@ fn insert_message(
         opens.into(),
         clicks.into(),
         list_unsubscribe.into(),
+        r.topic.into(),
     ];
-    let sql = if d.idempotency_key.is_some() { INSERT_MESSAGE_ONCE } else { INSERT_MESSAGE };
+    let once = usize::from(d.idempotency_key.is_some());
+    let sql = match &kept.receipt {
+        Some((who, why)) => {
+            args.push(who.as_str().into());
+            args.push(why.as_str().into());
+            INSERT_SUPPRESSED[once]
+        }
+        None => [INSERT_MESSAGE, INSERT_MESSAGE_ONCE][once],
+    };
     let inserted = run_prepared(client, sql, Some(1), &args);
     if inserted.is_empty() {
         // This role used the key before (possibly in a concurrent call we waited for).
@@ -255,12 +345,13 @@ fn insert_message(
         }
         return Err(id);
     }
-    Ok(inserted
+    inserted
         .first()
         .get_by_name::<i64, _>("id")
         .ok()
         .flatten()
-        .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "INSERT returned no id", None)))
+        .map(Ok)
+        .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "INSERT returned no id", None))
 }
 
 /// The fingerprint of a call's content: every argument but the idempotency key.
@@ -269,7 +360,7 @@ fn call_fingerprint(d: &draft::Draft, r: &Routing) -> String {
     let subject = if r.template.is_some() { None } else { d.subject };
     let send_at = r.send_at.map(|t| t.into_inner());
     let template = r.template.map(|(name, _, data)| serde_json::json!([name, data]));
-    draft::fingerprint(&serde_json::json!([
+    let mut content = serde_json::json!([
         d.recipients,
         subject,
         d.body,
@@ -286,7 +377,12 @@ fn call_fingerprint(d: &draft::Draft, r: &Routing) -> String {
         send_at,
         r.priority,
         template
-    ]))
+    ]);
+    // Appended only when given, so a key used before topics existed keeps its fingerprint.
+    if let (Some(topic), Some(list)) = (r.topic, content.as_array_mut()) {
+        list.push(topic.into());
+    }
+    draft::fingerprint(&content)
 }
 
 fn insert_attachments(client: &mut SpiClient, id: i64, attachments: &[message::Attachment]) {
@@ -303,19 +399,22 @@ fn insert_attachments(client: &mut SpiClient, id: i64, attachments: &[message::A
     }
 }
 
-/// A 'suppressed' receipt for each recipient dropped (at enqueue, or by a retry).
+/// A 'suppressed' receipt for each recipient dropped (at enqueue, or by a retry), in the order
+/// of `bare`, saying why.
 pub(crate) fn record_suppressed(
     client: &mut SpiClient,
     id: i64,
     transport: &str,
     bare: &[String],
-    suppressed: &[String],
+    dropped: &[(String, String)],
 ) {
-    let dropped: Vec<String> = bare.iter().filter(|b| suppressed.contains(b)).cloned().collect();
-    if !dropped.is_empty() {
-        client
-            .update(RECORD_SUPPRESSED, None, &[id.into(), transport.into(), dropped.into()])
-            .unwrap_or_else(|e| spi_failed(e));
+    for (who, why) in bare.iter().filter_map(|b| dropped.iter().find(|(a, _)| a == b)) {
+        run_prepared(
+            client,
+            RECORD_SUPPRESSED,
+            None,
+            &[id.into(), transport.into(), who.as_str().into(), why.as_str().into()],
+        );
     }
 }
 
@@ -327,16 +426,19 @@ pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
     let bare = c.bare_addresses();
     Spi::connect_mut(|client| {
         let route = lookup_route(client, r.transport);
-        let suppressed = suppressed_among(client, &route, &bare);
+        let dropped = dropped_among(client, &route, r.topic, &bare);
         let sender = resolve_sender(&r, &route);
-        let kept = drop_suppressed(&c, &suppressed);
+        let kept = drop_suppressed(&c, &dropped);
         let all_suppressed = kept.all_suppressed;
+        let receipt_with_row = kept.receipt.is_some();
         let id = match insert_message(client, &d, &r, &c, &route, &sender, kept) {
             Ok(id) => id,
             Err(existing) => return existing,
         };
         insert_attachments(client, id, &c.attachments);
-        record_suppressed(client, id, &route.name, &bare, &suppressed);
+        if !receipt_with_row {
+            record_suppressed(client, id, &route.name, &bare, &dropped);
+        }
         if !all_suppressed {
             crate::xact::mark_queued();
         }
@@ -367,6 +469,7 @@ fn send_message(
     priority: default!(Option<i32>, 0),
     track_opens: default!(Option<bool>, "NULL"),
     track_clicks: default!(Option<bool>, "NULL"),
+    topic: default!(Option<&str>, "NULL"),
     list_unsubscribe: default!(Option<bool>, "NULL"),
 ) -> i64 {
     let track = Track { opens: track_opens, clicks: track_clicks, list_unsubscribe };
@@ -386,7 +489,7 @@ fn send_message(
             idempotency_key,
             templated: false,
         },
-        Routing { sender, transport, send_at, priority, template: None, track },
+        Routing { sender, transport, send_at, priority, template: None, track, topic },
     )
 }
 
@@ -412,6 +515,7 @@ fn send_template_message(
     priority: default!(Option<i32>, 0),
     track_opens: default!(Option<bool>, "NULL"),
     track_clicks: default!(Option<bool>, "NULL"),
+    topic: default!(Option<&str>, "NULL"),
     list_unsubscribe: default!(Option<bool>, "NULL"),
 ) -> i64 {
     let track = Track { opens: track_opens, clicks: track_clicks, list_unsubscribe };
@@ -443,7 +547,7 @@ fn send_template_message(
             templated: true,
             ..draft::Draft::default()
         },
-        Routing { sender, transport, send_at, priority, template: Some((name, version, &data.0)), track },
+        Routing { sender, transport, send_at, priority, template: Some((name, version, &data.0)), track, topic },
     )
 }
 

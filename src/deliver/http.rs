@@ -20,6 +20,11 @@ pub struct Http {
 }
 
 impl Http {
+    /// The provider's name (`email.transports.kind`).
+    pub fn provider_name(&self) -> &'static str {
+        self.provider.name()
+    }
+
     pub fn new(provider: &'static dyn Provider, d: &Dsn) -> Result<Http, TransportError> {
         let host = match (&d.host, d.port) {
             (Some(h), Some(p)) => format!("{h}:{p}"),

@@ -179,6 +179,16 @@ impl Transport {
         matches!(self, Transport::Http(_))
     }
 
+    /// How the built MIME bytes travel: `Some(false)` as they are (SMTP, file, capture),
+    /// `Some(true)` through SES, which rewrites Date and Message-ID; `None` not at all (the
+    /// other providers build their own MIME from the fields, and sign it themselves).
+    pub fn carries_mime(&self) -> Option<bool> {
+        match self {
+            Transport::Http(h) => (h.provider_name() == "ses").then_some(true),
+            _ => Some(false),
+        }
+    }
+
     /// Builds the transport a DSN describes.
     pub fn new(d: &dsn::Dsn) -> Result<Transport, TransportError> {
         Ok(match d.kind {

@@ -338,7 +338,7 @@ impl Listener {
                             },
                         },
                         Job::Lookup(id) => match crate::subxact::run(|| lookup(*id)) {
-                            Ok(found) => Answer::Found(found.map(|a| (a, None))),
+                            Ok(found) => Answer::Found(found),
                             Err(e) => {
                                 warning!("pg_email listener: looking up message {id} failed: {e}");
                                 Answer::Failed
@@ -549,8 +549,12 @@ fn inbound(envelope: &smtp::Envelope, keys: &tracking::Keys) -> Result<i64, Stri
     Ok(id)
 }
 
-fn lookup(id: i64) -> Option<String> {
-    Spi::get_one_with_args::<String>(LOOKUP, &[id.into()]).ok().flatten()
+/// The address and topic an unsubscribe link of message `id` names.
+fn lookup(id: i64) -> Option<(String, Option<String>)> {
+    match Spi::get_two_with_args::<String, String>(LOOKUP, &[id.into()]) {
+        Ok((Some(address), topic)) => Some((address, topic)),
+        _ => None,
+    }
 }
 
 fn save_certificate(url: &str, pem: &str) {

@@ -96,6 +96,8 @@ struct Worker {
     templates: std::sync::Arc<crate::render::Library>,
     /// The tracking keys, read at start and whenever the configuration generation moves.
     keys: Rc<tracking::Keys>,
+    /// The DKIM keys, read like the tracking keys.
+    dkim: Rc<crate::dkim::Signers>,
 }
 
 #[pg_guard]
@@ -134,6 +136,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         state: None,
         templates: Default::default(),
         keys: Rc::new(tracking::Keys::new(Vec::new())),
+        dkim: Rc::default(),
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
@@ -262,6 +265,7 @@ fn prepare(
     templates: &std::sync::Arc<crate::render::Library>,
     links: Option<&Links>,
     http: bool,
+    dkim: Option<(&crate::dkim::Signers, bool)>,
 ) -> Result<(Outgoing, Option<crate::render::Parts>), String> {
     let mut stored = rendered(job, templates, links)?;
     // What is written back to a template message's row is what it rendered to, before links
@@ -281,7 +285,8 @@ fn prepare(
             }
         }
     }
-    let built = crate::message::build(&stored).map_err(|e| format!("the stored message cannot be built: {e}"))?;
+    let built = crate::message::build_signed(&stored, dkim.filter(|(s, _)| !s.is_empty()))
+        .map_err(|e| format!("the stored message cannot be built: {e}"))?;
     let pending = job.pending.as_deref();
     let to: Vec<lettre::Address> =
         built.to.into_iter().filter(|a| crate::message::is_pending(pending, a.as_ref())).collect();
@@ -377,7 +382,7 @@ impl Worker {
             log!("pg_email worker {}: requeued {released} messages left claimed by its previous run", self.slot);
         }
         self.reload_routes(true);
-        self.keys = Rc::new(tracking::Keys::new(queue::tracking_keys()));
+        self.reload_keys();
 
         let mut maybe_due = true;
         let mut backlog = false;
@@ -416,7 +421,7 @@ impl Worker {
                 if generation != self.config_generation {
                     self.config_generation = generation;
                     self.reload_routes(false);
-                    self.keys = Rc::new(tracking::Keys::new(queue::tracking_keys()));
+                    self.reload_keys();
                 }
                 let want = free.min(gucs::batch_size());
                 let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot, backlog);
@@ -470,6 +475,17 @@ impl Worker {
         Some(Rc::new(Links { keys: self.keys.clone(), base: gucs::public_url(), bounce_domain: gucs::bounce_domain() }))
     }
 
+    /// Reads the tracking and DKIM keys again. A DKIM key that cannot be used is logged (never
+    /// its contents) and its domain's mail goes unsigned by it.
+    fn reload_keys(&mut self) {
+        self.keys = Rc::new(tracking::Keys::new(queue::tracking_keys()));
+        let (signers, problems) = crate::dkim::Signers::new(&queue::dkim_keys());
+        for p in problems {
+            warning!("pg_email worker {}: {p}", self.slot);
+        }
+        self.dkim = Rc::new(signers);
+    }
+
     /// Rebuilds the transports when the table changed (or when forced).
     fn reload_routes(&mut self, force: bool) {
         let version = queue::transports_version();
@@ -513,8 +529,9 @@ impl Worker {
         // the worker down.
         let templates = &self.templates;
         let links = self.links();
+        let dkim = transport.carries_mime().map(|ses| (&*self.dkim, ses));
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            prepare(&job, templates, links.as_deref(), transport.is_http())
+            prepare(&job, templates, links.as_deref(), transport.is_http(), dkim)
         }))
         .unwrap_or_else(|_| Err("preparing the message panicked".to_string()));
         match prepared {

@@ -29,6 +29,7 @@ const NEXT_DUE_MS: &str = include_str!("../../sql/worker/next_due_ms.sql");
 const TRANSPORTS_FINGERPRINT: &str = include_str!("../../sql/worker/transports_fingerprint.sql");
 const TRANSPORTS: &str = include_str!("../../sql/worker/transports.sql");
 const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
+const DKIM_KEYS: &str = include_str!("../../sql/worker/dkim_keys.sql");
 const PURGE_FINISHED: &str = include_str!("../../sql/worker/purge_finished.sql");
 
 /// A claimed row, as read back.
@@ -333,6 +334,24 @@ pub fn next_due_ms() -> Option<f64> {
 /// A cheap fingerprint of the transport table, to notice changes.
 pub fn transports_version() -> String {
     BackgroundWorker::transaction(|| Spi::get_one::<String>(TRANSPORTS_FINGERPRINT).ok().flatten().unwrap_or_default())
+}
+
+/// The DKIM keys, oldest first.
+pub fn dkim_keys() -> Vec<crate::dkim::KeyRow> {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|client| {
+            spi(client.select(DKIM_KEYS, None, &[]))
+                .filter_map(|r| {
+                    Some(crate::dkim::KeyRow {
+                        domain: r.get_by_name("domain").ok()??,
+                        selector: r.get_by_name("selector").ok()??,
+                        algorithm: r.get_by_name("algorithm").ok()??,
+                        private_key: r.get_by_name("private_key").ok()??,
+                    })
+                })
+                .collect()
+        })
+    })
 }
 
 /// The tracking keys (id, secret); the newest signs.

@@ -6,6 +6,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 
 import psycopg2
 import pytest
@@ -214,6 +215,23 @@ def test_cancel_retry_purge(api):
     assert api.val("SELECT email.purge(interval '7 days')") == 1
     assert api.val("SELECT count(*) FROM email.receipts WHERE message_id = %s", mid) == 0
     assert api.val("SELECT count(*) FROM email.messages WHERE id = %s", keep) == 1
+
+
+def test_retry_skips_recipients_who_left_the_topic_since(api):
+    topic = f"retry-{uuid.uuid4().hex[:8]}"
+    api.all("INSERT INTO email.topics (name, default_subscribed) VALUES (%s, true)", topic)
+    mid = api.val("SELECT email.send(recipients => 'stay@x.org, Leave@X.org', subject => 's', body => 'b', topic => %s)", topic)
+    api.all("UPDATE email.messages SET status = 'failed', attempts = 3 WHERE id = %s", mid)
+    api.all("SELECT email.unsubscribe('leave@x.org', %s)", topic)
+    assert api.val("SELECT email.retry(%s)", mid) is True
+    assert api.one("SELECT status::text, pending_recipients FROM email.messages WHERE id = %s", mid) == ("queued", ["stay@x.org"])
+    [(event, recipient, response)] = api.all("SELECT event, recipient, response FROM email.receipts WHERE message_id = %s", mid)
+    assert (event, recipient) == ("suppressed", "leave@x.org") and topic in response
+    # Nobody left: the message is suppressed, not retried.
+    api.all("UPDATE email.messages SET status = 'failed' WHERE id = %s", mid)
+    api.all("SELECT email.unsubscribe('stay@x.org', %s)", topic)
+    assert api.val("SELECT email.retry(%s)", mid) is False
+    assert api.val("SELECT status::text FROM email.messages WHERE id = %s", mid) == "suppressed"
 
 
 def test_add_transport_replaces_and_keeps_one_default(api):
