@@ -259,8 +259,8 @@ static INSERT_SUPPRESSED: LazyLock<[&'static str; 2]> = LazyLock::new(|| {
     })
 });
 
-/// Inserts the outbox row; returns its id, or the existing id for a known idempotency key.
-/// `receipt`: the one recipient, dropped, and why; its receipt is written in the same statement.
+/// Inserts the outbox row; returns its id, or the existing id for a known idempotency key. A
+/// message whose one recipient was dropped (`kept.receipt`) gets its receipt in the same statement.
 fn insert_message(
     client: &mut SpiClient,
     d: &draft::Draft,
