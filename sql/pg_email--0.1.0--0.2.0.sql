@@ -483,22 +483,23 @@ DECLARE
     single text;
     iid bigint;
 BEGIN
+    -- The VERP token's message, else the first referred-to Message-ID that is ours (the second
+    -- branch runs only when the first finds nothing).
     SELECT m.id, m.transport,
            CASE WHEN cardinality(m.recipients) + coalesce(cardinality(m.cc), 0) + coalesce(cardinality(m.bcc), 0) = 1
                 THEN email._address(coalesce(m.recipients[1], m.cc[1], m.bcc[1])) END
     INTO mid, mtransport, single
-    FROM email.messages m
-    WHERE m.id = (msg->>'verp_message_id')::bigint;
-    IF mid IS NULL THEN
-        SELECT m.id, m.transport,
-               CASE WHEN cardinality(m.recipients) + coalesce(cardinality(m.cc), 0) + coalesce(cardinality(m.bcc), 0) = 1
-                    THEN email._address(coalesce(m.recipients[1], m.cc[1], m.bcc[1])) END
-        INTO mid, mtransport, single
-        FROM jsonb_array_elements_text(coalesce(msg->'refers_to', '[]')) WITH ORDINALITY AS r(rfc_id, n)
-        JOIN email.messages m ON m.message_id = r.rfc_id
-        ORDER BY r.n, m.id DESC
-        LIMIT 1;
-    END IF;
+    FROM (
+        (SELECT x.id, x.transport, x.recipients, x.cc, x.bcc FROM email.messages x
+         WHERE x.id = (msg->>'verp_message_id')::bigint)
+        UNION ALL
+        (SELECT x.id, x.transport, x.recipients, x.cc, x.bcc
+         FROM jsonb_array_elements_text(coalesce(msg->'refers_to', '[]')) WITH ORDINALITY AS r(rfc_id, n)
+         JOIN email.messages x ON x.message_id = r.rfc_id
+         ORDER BY r.n, x.id DESC
+         LIMIT 1)
+        LIMIT 1
+    ) m;
     INSERT INTO email.inbound (mail_from, rcpt_to, kind, from_address, subject, rfc_message_id, in_reply_to,
                                message_id, text_body, html_body, headers, raw)
     VALUES (msg->>'mail_from', ARRAY(SELECT jsonb_array_elements_text(coalesce(msg->'rcpt_to', '[]'))),

@@ -27,6 +27,7 @@ pub mod inbound;
 pub mod listener;
 pub mod message;
 pub mod render;
+pub mod reply;
 pub mod shmem;
 pub mod subxact;
 pub mod tracking;

@@ -102,21 +102,7 @@ pub struct Outcome {
     pub delivery: Delivery,
 }
 
-/// Extracts an RFC 3463 enhanced status code (`5.1.1`) from the start of a reply text.
-pub fn enhanced_code(text: &str) -> Option<String> {
-    let word = text.split_whitespace().next()?;
-    let mut parts = word.split('.');
-    let (a, b, c) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let ok = matches!(a, "2" | "4" | "5")
-        && (1..=3).contains(&b.len())
-        && (1..=3).contains(&c.len())
-        && b.bytes().all(|x| x.is_ascii_digit())
-        && c.bytes().all(|x| x.is_ascii_digit());
-    ok.then(|| word.to_string())
-}
+pub use crate::reply::enhanced_code;
 
 /// True when a refusal says the address itself is bad (RFC 3463 `5.1.x`), which earns a suppression.
 pub fn is_bad_address(reply: &Reply) -> bool {
@@ -237,11 +223,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn enhanced_codes() {
-        assert_eq!(enhanced_code("5.1.1 <a@x.org>: Recipient address rejected"), Some("5.1.1".into()));
-        assert_eq!(enhanced_code("4.7.1 try later"), Some("4.7.1".into()));
-        assert_eq!(enhanced_code("Service unavailable"), None);
-        assert_eq!(enhanced_code("1.2.3 no"), None);
+    fn bad_addresses() {
         assert!(is_bad_address(&Reply::new(Some(550), "5.1.1 unknown user")));
         assert!(!is_bad_address(&Reply::new(Some(550), "5.7.1 policy")));
     }

@@ -4,8 +4,9 @@
 //! classic Exim, appliances): plain text from MAILER-DAEMON read leniently. No pgrx here: it runs
 //! in the listener worker's main thread and in backends (`email.ingest_message`).
 
-use crate::inbound::report::{is_enhanced, recipient_address, trim_punctuation};
+use crate::inbound::report::recipient_address;
 use crate::inbound::{bounded, Report, MAX_RESPONSE};
+use crate::reply::{is_enhanced, trim_punctuation};
 
 /// At most this many recipients are taken from the text of a non-standard bounce.
 const MAX_TEXT_RECIPIENTS: usize = 100;

@@ -314,10 +314,10 @@ fn recipient_report(r: &RecipientFields, mta: Option<&str>, human: Option<&str>)
         .status
         .as_deref()
         .and_then(|s| s.split_whitespace().next())
-        .map(report::trim_punctuation)
-        .filter(|s| report::is_enhanced(s));
+        .map(crate::reply::trim_punctuation)
+        .filter(|s| crate::reply::is_enhanced(s));
     let diagnostic = r.diagnostic_code.as_deref().map(report::diagnostic_text).filter(|t| !t.is_empty());
-    let (smtp_code, diagnostic_code) = diagnostic.map(report::parse_reply).unwrap_or_default();
+    let (smtp_code, diagnostic_code) = diagnostic.map(crate::reply::parse_reply).unwrap_or_default();
     let enhanced = match (status, diagnostic_code) {
         // `5.0.0` says little; the reply quoted may say more (`550 5.1.1`), in the same class.
         (Some(s), Some(d)) if s.ends_with(".0.0") && s.get(..1) == d.get(..1) => Some(d),

@@ -11,6 +11,7 @@
 //! block and `MAX_FIELD` bytes a value; the rest is skipped, never an error.
 
 use crate::inbound::{bounded, MAX_RECIPIENT_BLOCKS};
+use crate::reply::strip_type;
 
 /// Fields kept in one block; the rest of the block is skipped.
 const MAX_FIELDS: usize = 64;
@@ -186,20 +187,6 @@ fn without_type(value: &str) -> Option<String> {
     (!v.is_empty()).then(|| bounded(v, 255))
 }
 
-/// `rfc822; a@b` → `a@b`: drops a leading `type;` when the type is a token.
-fn strip_type(value: &str) -> &str {
-    match value.split_once(';') {
-        Some((kind, rest))
-            if !kind.trim().is_empty()
-                && kind.trim().len() <= 32
-                && kind.trim().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
-        {
-            rest
-        }
-        _ => value,
-    }
-}
-
 /// The bare, lower-cased address of a recipient field (`rfc822; <A@B.example>` →
 /// `a@b.example`). None unless it looks like an address: one token with an `@` inside.
 pub(crate) fn recipient_address(value: &str) -> Option<String> {
@@ -214,53 +201,9 @@ pub(crate) fn recipient_address(value: &str) -> Option<String> {
     ok.then(|| v.trim_end_matches('.').to_lowercase())
 }
 
-/// Whether `s` is an RFC 3463 enhanced status code: class 2, 4 or 5, then a subject and a
-/// detail of 1 to 3 digits.
-pub(crate) fn is_enhanced(s: &str) -> bool {
-    let mut parts = s.split('.');
-    let ok = |p: Option<&str>, max: usize| {
-        p.is_some_and(|p| (1..=max).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-    };
-    matches!(parts.next(), Some("2" | "4" | "5"))
-        && ok(parts.next(), 3)
-        && ok(parts.next(), 3)
-        && parts.next().is_none()
-}
-
 /// The text of a `Diagnostic-Code` without its type: `smtp; 550 5.1.1 …` → `550 5.1.1 …`.
 pub(crate) fn diagnostic_text(value: &str) -> &str {
     strip_type(value).trim()
-}
-
-/// The SMTP code and RFC 3463 code of a reply such as `smtp; 550 5.1.1 <a@b>: user unknown`,
-/// `550-5.1.1 ...`, `250 2.6.0 Message received` or `5.1.1 user unknown`. The RFC 3463 code is
-/// looked for in the first few words only, so a number in the text is not taken for one.
-/// (The same reading as `webhook::parse_reply`, kept here so this module stands alone.)
-pub(crate) fn parse_reply(text: &str) -> (Option<i32>, Option<String>) {
-    let mut t = strip_type(text.trim()).trim_start();
-    let b = t.as_bytes();
-    let mut code = None;
-    if matches!(b.first(), Some(b'2'..=b'5'))
-        && b.get(1).is_some_and(u8::is_ascii_digit)
-        && b.get(2).is_some_and(u8::is_ascii_digit)
-        && matches!(b.get(3), None | Some(b' ' | b'-' | b'\t'))
-    {
-        code = t.get(..3).and_then(|c| c.parse::<i32>().ok());
-        t = t.get(3..).unwrap_or("").trim_start_matches(['-', ' ', '\t']);
-    }
-    // Right after the code, or among the first words when there is none.
-    let enhanced = t
-        .split_whitespace()
-        .take(if code.is_some() { 1 } else { 3 })
-        .map(trim_punctuation)
-        .find(|w| is_enhanced(w))
-        .map(str::to_string);
-    (code, enhanced)
-}
-
-/// A word without the punctuation that surrounds codes and addresses in prose.
-pub(crate) fn trim_punctuation(w: &str) -> &str {
-    w.trim_matches(|c: char| matches!(c, '(' | ')' | '[' | ']' | ',' | ':' | ';' | '#' | '<' | '>' | '"' | '\''))
 }
 
 #[cfg(test)]
@@ -304,15 +247,5 @@ mod tests {
         assert_eq!(recipient_address("x400; /c=us/o=x/"), None);
         assert_eq!(recipient_address("rfc822; two words@x.org"), None);
         assert_eq!(recipient_address("rfc822; @x.org"), None);
-    }
-
-    #[test]
-    fn replies() {
-        assert_eq!(parse_reply("smtp; 550 5.1.1 <a@b>: nope"), (Some(550), Some("5.1.1".into())));
-        assert_eq!(parse_reply("smtp;550-5.1.10 RESOLVER"), (Some(550), Some("5.1.10".into())));
-        assert_eq!(parse_reply("X-Postfix; connect to x[1.2.3.4]:25: timed out"), (None, None));
-        assert_eq!(parse_reply("5.2.2 full"), (None, Some("5.2.2".into())));
-        assert_eq!(parse_reply("550 user unknown 5.1.1"), (Some(550), None));
-        assert_eq!(parse_reply("é;550"), (None, None));
     }
 }

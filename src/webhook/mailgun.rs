@@ -66,8 +66,9 @@ pub(super) fn verify(signing_key: &str, req: &Request) -> Result<Verified, Refus
     let status = data.get("delivery-status");
     e.smtp_code = status.and_then(|s| s.get("code")).and_then(Value::as_i64).and_then(|c| i32::try_from(c).ok());
     e.smtp_code = e.smtp_code.filter(|c| (200..600).contains(c));
-    e.enhanced_code =
-        str_at(data, &["delivery-status", "enhanced-code"]).filter(|c| super::is_enhanced(c)).map(str::to_string);
+    e.enhanced_code = str_at(data, &["delivery-status", "enhanced-code"])
+        .filter(|c| crate::reply::is_enhanced(c))
+        .map(str::to_string);
     let message = str_at(data, &["delivery-status", "message"]).or(str_at(data, &["delivery-status", "description"]));
     let reason = str_at(data, &["reason"]);
     match kind {

@@ -230,7 +230,7 @@ impl Event {
     /// they are already known.
     pub(crate) fn set_response(&mut self, text: Option<&str>) {
         let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else { return };
-        let (code, enhanced) = parse_reply(text);
+        let (code, enhanced) = crate::reply::parse_reply(text);
         self.smtp_code = self.smtp_code.or(code);
         if self.enhanced_code.is_none() {
             self.enhanced_code = enhanced;
@@ -381,51 +381,6 @@ pub(crate) fn pem_or_base64(value: &str) -> Option<Vec<u8>> {
         .map(|c| if c == ' ' { '+' } else { c })
         .collect();
     b64(&cleaned).filter(|d| !d.is_empty())
-}
-
-/// Whether `s` is an RFC 3463 enhanced status code: class 2, 4 or 5, then a subject and a
-/// detail of 1 to 3 digits.
-pub(crate) fn is_enhanced(s: &str) -> bool {
-    let mut parts = s.split('.');
-    let ok = |p: Option<&str>, max: usize| {
-        p.is_some_and(|p| (1..=max).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
-    };
-    matches!(parts.next(), Some("2" | "4" | "5"))
-        && ok(parts.next(), 3)
-        && ok(parts.next(), 3)
-        && parts.next().is_none()
-}
-
-/// The SMTP code and RFC 3463 code of a reply such as `smtp; 550 5.1.1 <a@b>: user unknown`,
-/// `550-5.1.1 ...`, `250 2.6.0 Message received` or `5.1.1 user unknown`. The RFC 3463 code is
-/// looked for in the first few words only, so a number in the text is not taken for one.
-pub(crate) fn parse_reply(text: &str) -> (Option<i32>, Option<String>) {
-    let mut t = text.trim();
-    // An RFC 3464 diagnostic type prefix: `smtp;`, `X-Postfix;`...
-    if let Some((kind, rest)) = t.split_once(';') {
-        if !kind.is_empty() && kind.len() <= 16 && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            t = rest.trim_start();
-        }
-    }
-    let b = t.as_bytes();
-    let mut code = None;
-    if b.len() >= 3
-        && matches!(b.first(), Some(b'2'..=b'5'))
-        && b.get(1).is_some_and(u8::is_ascii_digit)
-        && b.get(2).is_some_and(u8::is_ascii_digit)
-        && matches!(b.get(3), None | Some(b' ' | b'-' | b'\t'))
-    {
-        code = t.get(..3).and_then(|c| c.parse::<i32>().ok());
-        t = t.get(3..).unwrap_or("").trim_start_matches(['-', ' ', '\t']);
-    }
-    // Right after the code, or among the first words when there is none.
-    let enhanced = t
-        .split_whitespace()
-        .take(if code.is_some() { 1 } else { 3 })
-        .map(|w| w.trim_matches(|c: char| matches!(c, '(' | ')' | '[' | ']' | ',' | ':' | ';' | '#' | '<' | '>')))
-        .find(|w| is_enhanced(w))
-        .map(str::to_string);
-    (code, enhanced)
 }
 
 /// How a permanent failure is classed from its RFC 3463 code: `block` for a policy or security
@@ -759,7 +714,7 @@ pub(crate) mod testing {
         }
         assert!(!e.provider_event_id.is_empty());
         if let Some(c) = &e.enhanced_code {
-            assert!(is_enhanced(c), "{e:?}");
+            assert!(crate::reply::is_enhanced(c), "{e:?}");
         }
     }
 }
@@ -801,11 +756,22 @@ mod tests {
             ("é;550 5.1.1", None, Some("5.1.1")),
         ];
         for (text, code, enhanced) in cases {
-            assert_eq!(parse_reply(text), (*code, enhanced.map(str::to_string)), "{text}");
+            assert_eq!(crate::reply::parse_reply(text), (*code, enhanced.map(str::to_string)), "{text}");
         }
-        assert!(is_enhanced("5.1.1") && is_enhanced("4.7.650") && is_enhanced("2.0.0"));
-        assert!(!is_enhanced("5.1") && !is_enhanced("3.1.1") && !is_enhanced("5.1.1.1") && !is_enhanced("5.1234.1"));
-        assert!(!is_enhanced("5..1") && !is_enhanced("5.a.1") && !is_enhanced(""));
+        assert!(
+            crate::reply::is_enhanced("5.1.1")
+                && crate::reply::is_enhanced("4.7.650")
+                && crate::reply::is_enhanced("2.0.0")
+        );
+        assert!(
+            !crate::reply::is_enhanced("5.1")
+                && !crate::reply::is_enhanced("3.1.1")
+                && !crate::reply::is_enhanced("5.1.1.1")
+                && !crate::reply::is_enhanced("5.1234.1")
+        );
+        assert!(
+            !crate::reply::is_enhanced("5..1") && !crate::reply::is_enhanced("5.a.1") && !crate::reply::is_enhanced("")
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn event(v: Value) -> Result<Event, Refused> {
     e.rfc_message_id = angle(str_at(&v, &["smtp-id"]));
     e.recipient = str_at(&v, &["email"]).map(str::to_string);
     e.at = number(v.get("timestamp"));
-    let status = str_at(&v, &["status"]).filter(|s| super::is_enhanced(s)).map(str::to_string);
+    let status = str_at(&v, &["status"]).filter(|s| crate::reply::is_enhanced(s)).map(str::to_string);
     match kind {
         "delivered" => {
             e.event = "delivered";

@@ -225,7 +225,7 @@ fn events(ses: Value, message_id: &str, sns_time: Option<f64>) -> Vec<Event> {
                 e.event = "bounced";
                 e.at = time(b.get("timestamp")).or(e.at);
                 e.recipient = str_at(&r, &["emailAddress"]).map(str::to_string);
-                e.enhanced_code = str_at(&r, &["status"]).filter(|c| super::is_enhanced(c)).map(str::to_string);
+                e.enhanced_code = str_at(&r, &["status"]).filter(|c| crate::reply::is_enhanced(c)).map(str::to_string);
                 e.set_response(str_at(&r, &["diagnosticCode"]));
                 e.provider_code = sub_type.map(str::to_string);
                 e.bounce_type = Some(bounce_kind(bounce_type, sub_type, e.enhanced_code.as_deref()));
@@ -262,7 +262,7 @@ fn events(ses: Value, message_id: &str, sns_time: Option<f64>) -> Vec<Event> {
                 e.event = "deferred";
                 e.at = time(d.get("timestamp")).or(e.at);
                 e.recipient = str_at(&r, &["emailAddress"]).map(str::to_string);
-                e.enhanced_code = str_at(&r, &["status"]).filter(|c| super::is_enhanced(c)).map(str::to_string);
+                e.enhanced_code = str_at(&r, &["status"]).filter(|c| crate::reply::is_enhanced(c)).map(str::to_string);
                 e.set_response(str_at(&r, &["diagnosticCode"]));
                 e.provider_code = str_at(d, &["delayType"]).map(str::to_string);
                 out.push(e);
