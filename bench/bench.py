@@ -193,6 +193,15 @@ def drain(until_sent, timeout=600):
     return el
 
 
+def drain_rate(n):
+    """msg/s of a drain of n fresh 2 KB messages through the smtp-sink transport."""
+    reset()
+    enqueue(n, "sink")
+    rate = n / drain(n)
+    wait_idle()
+    return rate
+
+
 def wait_idle():
     while val("SELECT count(*) FROM email.messages WHERE status = 'sending'"):
         time.sleep(0.05)
@@ -853,11 +862,7 @@ def bench_verp():
         time.sleep(1)  # the delivery workers re-read it on SIGHUP
         sender = envelope_sender()
         assert bool(verp_re.fullmatch(sender or "")) == verp, f"VERP {'on' if verp else 'off'}: MAIL FROM:<{sender}>"
-        reset()
-        enqueue(n, "sink")
-        rate = n / drain(n)
-        wait_idle()
-        return rate
+        return drain_rate(n)
 
     try:
         o, b = alternate(run)
@@ -912,11 +917,7 @@ def dkim_drain(n_row, algorithms, label):
         if signed:
             for alg in algorithms:
                 sql("SELECT email.add_dkim_key('example.org', %s, algorithm => %s)", alg.split("-")[0], alg)
-        reset()
-        enqueue(n, "sink")
-        rate = n / drain(n)
-        wait_idle()
-        return rate
+        return drain_rate(n)
 
     try:
         o, b = alternate(run)

@@ -119,7 +119,7 @@ pub fn import(pem: &str, algorithm: Algorithm) -> Result<Key, FieldError> {
             rsa_key(key)
         }
         Algorithm::Ed25519 => match ed25519_seed() {
-            Some(seed) => Ok(ed25519_key(&seed)),
+            Some(seed) => ed25519_key(&seed),
             None if RsaPrivateKey::from_pkcs1_pem(pem).is_ok() || RsaPrivateKey::from_pkcs8_pem(pem).is_ok() => {
                 Err(bad_key("is an RSA key: pass algorithm => 'rsa-sha256'"))
             }
@@ -140,7 +140,7 @@ pub fn generate(algorithm: Algorithm) -> Result<Key, FieldError> {
             let mut seed = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
                 .map_err(|_| FieldError::new("private_key", "the system random source failed"))?;
-            Ok(ed25519_key(&seed))
+            ed25519_key(&seed)
         }
     }
 }
@@ -164,14 +164,15 @@ fn rsa_key(key: RsaPrivateKey) -> Result<Key, FieldError> {
     })
 }
 
-fn ed25519_key(seed: &[u8; 32]) -> Key {
-    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed).expect("any 32 bytes are a seed");
+fn ed25519_key(seed: &[u8; 32]) -> Result<Key, FieldError> {
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
+        .map_err(|_| bad_key("is not a usable Ed25519 key"))?;
     let public = ring::signature::KeyPair::public_key(&pair);
-    Key {
+    Ok(Key {
         algorithm: Algorithm::Ed25519,
         private_key: b64(seed),
         dns_value: format!("v=DKIM1; k=ed25519; p={}", b64(public.as_ref())),
-    }
+    })
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -96,8 +96,9 @@ struct Worker {
     templates: std::sync::Arc<crate::render::Library>,
     /// The tracking keys, read at start and whenever the configuration generation moves.
     keys: Rc<tracking::Keys>,
-    /// The DKIM keys, read like the tracking keys.
+    /// The DKIM keys, parsed again only when their fingerprint changes.
     dkim: Rc<crate::dkim::Signers>,
+    dkim_version: Option<String>,
 }
 
 #[pg_guard]
@@ -137,6 +138,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         templates: Default::default(),
         keys: Rc::new(tracking::Keys::new(Vec::new())),
         dkim: Rc::default(),
+        dkim_version: None,
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
@@ -475,10 +477,15 @@ impl Worker {
         Some(Rc::new(Links { keys: self.keys.clone(), base: gucs::public_url(), bounce_domain: gucs::bounce_domain() }))
     }
 
-    /// Reads the tracking and DKIM keys again. A DKIM key that cannot be used is logged (never
-    /// its contents) and its domain's mail goes unsigned by it.
+    /// Reads the tracking keys again, and the DKIM keys when they changed. A DKIM key that
+    /// cannot be used is logged (never its contents) and its domain's mail goes unsigned by it.
     fn reload_keys(&mut self) {
         self.keys = Rc::new(tracking::Keys::new(queue::tracking_keys()));
+        let version = queue::dkim_version();
+        if self.dkim_version.as_ref() == Some(&version) {
+            return;
+        }
+        self.dkim_version = Some(version);
         let (signers, problems) = crate::dkim::Signers::new(&queue::dkim_keys());
         for p in problems {
             warning!("pg_email worker {}: {p}", self.slot);

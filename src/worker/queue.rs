@@ -30,6 +30,7 @@ const TRANSPORTS_FINGERPRINT: &str = include_str!("../../sql/worker/transports_f
 const TRANSPORTS: &str = include_str!("../../sql/worker/transports.sql");
 const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
 const DKIM_KEYS: &str = include_str!("../../sql/worker/dkim_keys.sql");
+const DKIM_FINGERPRINT: &str = include_str!("../../sql/worker/dkim_fingerprint.sql");
 const PURGE_FINISHED: &str = include_str!("../../sql/worker/purge_finished.sql");
 
 /// A claimed row, as read back.
@@ -334,6 +335,11 @@ pub fn next_due_ms() -> Option<f64> {
 /// A cheap fingerprint of the transport table, to notice changes.
 pub fn transports_version() -> String {
     BackgroundWorker::transaction(|| Spi::get_one::<String>(TRANSPORTS_FINGERPRINT).ok().flatten().unwrap_or_default())
+}
+
+/// A cheap fingerprint of the DKIM keys, to notice changes.
+pub fn dkim_version() -> String {
+    BackgroundWorker::transaction(|| Spi::get_one::<String>(DKIM_FINGERPRINT).ok().flatten().unwrap_or_default())
 }
 
 /// The DKIM keys, oldest first.
