@@ -47,6 +47,7 @@ static LISTEN_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString
 static PUBLIC_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Track opens / clicks of messages whose send call leaves it NULL.
 static TRACK_OPENS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TRACK_CLICKS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// The domain of VERP return paths and the List-Unsubscribe mailto address.
@@ -194,6 +195,14 @@ pub fn init() {
         c"Base URL recipients and providers reach the listener at.",
         c"Tracking and unsubscribe links use it; default http://<listen_address>.",
         &PUBLIC_URL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_email.notify",
+        c"NOTIFY email_events after commit, once per receipt (its id, message id and event).",
+        c"Any role can LISTEN, so the payload holds ids only, never an address.",
+        &NOTIFY,
         GucContext::Sighup,
         GucFlags::default(),
     );
