@@ -595,6 +595,23 @@ CREATE TRIGGER topics_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON em
 CREATE TRIGGER forgotten_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.forgotten
     FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
 
+-- Events out: after every statement that stores receipts, one NOTIFY email_events per receipt
+-- with its ids and event only (any role can LISTEN); PostgreSQL delivers them at commit, and
+-- none on rollback. pg_email.notify = off stops them.
+CREATE FUNCTION email._receipts_stored() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF current_setting('pg_email.notify', true)::boolean IS NOT FALSE THEN
+        PERFORM pg_notify('email_events',
+                          json_build_object('id', s.id, 'message_id', s.message_id, 'event', s.event)::text)
+        FROM stored s
+        ORDER BY s.id;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER receipts_stored AFTER INSERT ON email.receipts
+    REFERENCING NEW TABLE AS stored FOR EACH STATEMENT EXECUTE FUNCTION email._receipts_stored();
+
 -- Row-level security: a role other than the owner sees only what it queued.
 ALTER TABLE email.messages ENABLE ROW LEVEL SECURITY;
 CREATE POLICY messages_own ON email.messages FOR SELECT USING (created_by = current_user);
@@ -756,6 +773,7 @@ COMMENT ON FUNCTION email._forgotten_hash(text) IS 'The salted hash under which 
 COMMENT ON FUNCTION email._checked_address(text, text) IS 'The bare, lower-cased address of an argument; 22023 naming the field when it is not an address.';
 COMMENT ON FUNCTION email._require_topic(text) IS '42704 unless the topic exists.';
 COMMENT ON FUNCTION email._set_subscription(text, text, boolean) IS 'Records that an address joined or left a topic through the SQL API.';
+COMMENT ON FUNCTION email._receipts_stored() IS 'Sends one NOTIFY email_events per stored receipt (ids and event only), unless pg_email.notify is off.';
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();

@@ -825,6 +825,25 @@ SET search_path TO pg_catalog, email, pg_temp
 LANGUAGE c AS 'MODULE_PATHNAME', 'domain_setup_wrapper';
 REVOKE ALL ON FUNCTION email.domain_setup(text) FROM PUBLIC;
 
+-- Events out: after every statement that stores receipts, one NOTIFY email_events per receipt
+-- with its ids and event only (any role can LISTEN); PostgreSQL delivers them at commit, and
+-- none on rollback. pg_email.notify = off stops them.
+CREATE FUNCTION email._receipts_stored() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF current_setting('pg_email.notify', true)::boolean IS NOT FALSE THEN
+        PERFORM pg_notify('email_events',
+                          json_build_object('id', s.id, 'message_id', s.message_id, 'event', s.event)::text)
+        FROM stored s
+        ORDER BY s.id;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER receipts_stored AFTER INSERT ON email.receipts
+    REFERENCING NEW TABLE AS stored FOR EACH STATEMENT EXECUTE FUNCTION email._receipts_stored();
+
+REVOKE ALL ON FUNCTION email._receipts_stored() FROM PUBLIC;
+
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
 COMMENT ON FUNCTION email._may_act(text, text) IS 'True when a role may cancel or retry a message: it queued it, or it is a member of the extension owner''s role.';
@@ -942,6 +961,7 @@ COMMENT ON FUNCTION email._forgotten_hash(text) IS 'The salted hash under which 
 COMMENT ON FUNCTION email._checked_address(text, text) IS 'The bare, lower-cased address of an argument; 22023 naming the field when it is not an address.';
 COMMENT ON FUNCTION email._require_topic(text) IS '42704 unless the topic exists.';
 COMMENT ON FUNCTION email._set_subscription(text, text, boolean) IS 'Records that an address joined or left a topic through the SQL API.';
+COMMENT ON FUNCTION email._receipts_stored() IS 'Sends one NOTIFY email_events per stored receipt (ids and event only), unless pg_email.notify is off.';
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();
