@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from conftest import SLOW, connect, fresh, send, val_retry, wait_until
-from test_consent import addr, cap, deliver, ingest_sg, listener, sendgrid, sg_event  # noqa: F401 (fixtures)
+from test_consent import CAP, addr, cap, deliver, ingest_sg, listener, sendgrid, sg_event  # noqa: F401 (fixtures)
 from test_tracking import http
 
 KEYS = {"id", "message_id", "event"}
@@ -74,20 +74,20 @@ def test_sent_delivered_opened_arrive_in_order_with_ids_only(mail, cap, sendgrid
         conn.close()
 
 
-def test_nothing_is_sent_for_a_rolled_back_transaction(mail):
+def test_nothing_is_sent_for_a_rolled_back_transaction(mail, cap):
     conn = listening()
     tx = connect(autocommit=False)
     try:
         with tx.cursor() as cur:
-            cur.execute("SELECT email.send(recipients => %s, subject => 'x', body => 'y', send_at => now() + interval '1 day')",
-                        (addr("rollback"),))
+            cur.execute("SELECT email.send(recipients => %s, subject => 'x', body => 'y', transport => %s, send_at => now() + interval '1 day')",
+                        (addr("rollback"), CAP))
             gone = cur.fetchone()[0]
             cur.execute("SELECT email.cancel(%s)", (gone,))
             assert cur.fetchone()[0] is True
         tx.rollback()
         with tx.cursor() as cur:
-            cur.execute("SELECT email.send(recipients => %s, subject => 'x', body => 'y', send_at => now() + interval '1 day')",
-                        (addr("commit"),))
+            cur.execute("SELECT email.send(recipients => %s, subject => 'x', body => 'y', transport => %s, send_at => now() + interval '1 day')",
+                        (addr("commit"), CAP))
             kept = cur.fetchone()[0]
             cur.execute("SELECT email.cancel(%s)", (kept,))
         tx.commit()
@@ -98,7 +98,7 @@ def test_nothing_is_sent_for_a_rolled_back_transaction(mail):
         conn.close()
 
 
-def test_the_setting_turns_notifications_off(mail):
+def test_the_setting_turns_notifications_off(mail, cap):
     d = fresh()
     conn = listening()
     try:
@@ -106,16 +106,16 @@ def test_the_setting_turns_notifications_off(mail):
         d.all("SELECT pg_reload_conf()")
         wait_until(lambda: val_retry("SHOW pg_email.notify") == "off", "pg_email.notify to be off", SLOW, every=0.1)
         quiet = fresh()
-        silent = quiet.val("SELECT email.send(recipients => %s, subject => 'x', body => 'y', send_at => now() + interval '1 day')",
-                           addr("off"))
+        silent = quiet.val("SELECT email.send(recipients => %s, subject => 'x', body => 'y', transport => %s, "
+                           "send_at => now() + interval '1 day')", addr("off"), CAP)
         quiet.val("SELECT email.cancel(%s)", silent)
         quiet.conn.close()
         d.all("ALTER SYSTEM RESET pg_email.notify")
         d.all("SELECT pg_reload_conf()")
         wait_until(lambda: val_retry("SHOW pg_email.notify") == "on", "pg_email.notify to be on again", SLOW, every=0.1)
         loud = fresh()
-        marker = loud.val("SELECT email.send(recipients => %s, subject => 'x', body => 'y', send_at => now() + interval '1 day')",
-                          addr("on"))
+        marker = loud.val("SELECT email.send(recipients => %s, subject => 'x', body => 'y', transport => %s, "
+                          "send_at => now() + interval '1 day')", addr("on"), CAP)
         loud.val("SELECT email.cancel(%s)", marker)
         loud.conn.close()
         # Notifications arrive in commit order: once the marker's is here, the silent one's
@@ -130,12 +130,13 @@ def test_the_setting_turns_notifications_off(mail):
 
 
 @pytest.mark.parametrize("n", [500])
-def test_one_notification_per_receipt_of_a_bulk_statement(mail, n):
+def test_one_notification_per_receipt_of_a_bulk_statement(mail, cap, n):
     conn = listening()
     try:
         tag = uuid.uuid4().hex[:8]
         mail.all("SELECT count(email.cancel(email.send(recipients => 'bulk' || i || '-' || %s || '@example.test', "
-                 "subject => 'x', body => 'y', send_at => now() + interval '1 day'))) FROM generate_series(1, %s) i", tag, n)
+                 "subject => 'x', body => 'y', transport => %s, send_at => now() + interval '1 day'))) "
+                 "FROM generate_series(1, %s) i", tag, CAP, n)
         mids = {r[0] for r in mail.all("SELECT id FROM email.messages WHERE recipients[1] LIKE %s", f"%-{tag}@example.test")}
         assert len(mids) == n
         got = read_until(conn, lambda g: len([p for p in g if p["message_id"] in mids]) >= n, f"{n} notifications")
