@@ -595,11 +595,12 @@ CREATE TRIGGER topics_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON em
 CREATE TRIGGER forgotten_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.forgotten
     FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
 
--- Events out: after every statement that stores receipts, one NOTIFY email_events per receipt
+-- Events out: after every statement that stores receipts, the deliveries of the webhooks that
+-- want them are queued, and one NOTIFY email_events is sent per receipt
 -- with its ids and event only (any role can LISTEN); PostgreSQL delivers them at commit, and
 -- none on rollback. pg_email.notify = off stops them.
 CREATE FUNCTION email._receipts_stored() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
 BEGIN
     IF current_setting('pg_email.notify', true)::boolean IS NOT FALSE THEN
         PERFORM pg_notify('email_events',
@@ -607,8 +608,69 @@ BEGIN
         FROM stored s
         ORDER BY s.id;
     END IF;
+    -- One delivery per receipt and enabled webhook that wants its event.
+    INSERT INTO email.webhook_deliveries (webhook, receipt_id)
+    SELECT w.name, s.id
+    FROM stored s
+    JOIN email.webhooks w ON w.enabled AND (w.events IS NULL OR s.event = ANY (w.events))
+    ORDER BY s.id, w.name;
     RETURN NULL;
 END $$;
+-- Registers (or replaces) an outbound webhook and returns its signing secret (Standard
+-- Webhooks: whsec_ and the base64 of 24 to 64 bytes; 32 random bytes when none is given).
+CREATE FUNCTION email.add_webhook(name text, url text, events text[] DEFAULT NULL, secret text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    known text[] := ARRAY['sent', 'deferred', 'failed', 'bounced', 'suppressed', 'cancelled', 'delivered', 'opened',
+                          'clicked', 'complained', 'unsubscribed'];
+    key bytea;
+    s text := add_webhook.secret;
+BEGIN
+    IF add_webhook.name IS NULL OR add_webhook.name !~ '^[A-Za-z0-9_.-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid name: "%" is not a webhook name (1 to 63 letters, digits, _ . -)', add_webhook.name
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF add_webhook.url IS NULL OR add_webhook.url !~* '^https?://[^/?#@[:space:]]+([/?#][^[:space:]]*)?$'
+       OR length(add_webhook.url) > 2048 THEN
+        RAISE EXCEPTION 'invalid url: "%" is not an http or https URL without a user name', left(add_webhook.url, 200)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF add_webhook.events IS NOT NULL AND (cardinality(add_webhook.events) = 0 OR NOT add_webhook.events <@ known
+                                          OR array_position(add_webhook.events, NULL) IS NOT NULL) THEN
+        RAISE EXCEPTION 'invalid events: % (each must be one of %)', add_webhook.events, array_to_string(known, ', ')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF s IS NULL THEN
+        s := 'whsec_' || encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()), 'base64');
+    ELSE
+        BEGIN
+            key := decode(substr(s, 7), 'base64');
+        EXCEPTION WHEN OTHERS THEN
+            key := NULL;
+        END;
+        IF left(s, 6) <> 'whsec_' OR key IS NULL OR length(key) NOT BETWEEN 24 AND 64 THEN
+            RAISE EXCEPTION 'invalid secret: expected whsec_ and the base64 of 24 to 64 bytes'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    INSERT INTO email.webhooks AS w (name, url, events)
+    VALUES (add_webhook.name, add_webhook.url, add_webhook.events)
+    ON CONFLICT ON CONSTRAINT webhooks_pkey DO UPDATE
+    SET url = excluded.url, events = excluded.events, enabled = true, disabled_at = NULL, disabled_because = NULL;
+    INSERT INTO email.webhook_secrets AS k (name, secret) VALUES (add_webhook.name, s)
+    ON CONFLICT ON CONSTRAINT webhook_secrets_pkey DO UPDATE SET secret = excluded.secret;
+    RETURN s;
+END $$;
+
+-- Removes a webhook with its queued deliveries; true if it existed.
+CREATE FUNCTION email.remove_webhook(name text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+BEGIN ATOMIC
+    WITH removed AS (DELETE FROM email.webhooks w WHERE w.name = remove_webhook.name RETURNING 1)
+    SELECT count(*) > 0 FROM removed;
+END;
+
 CREATE TRIGGER receipts_stored AFTER INSERT ON email.receipts
     REFERENCING NEW TABLE AS stored FOR EACH STATEMENT EXECUTE FUNCTION email._receipts_stored();
 
@@ -655,6 +717,10 @@ SELECT pg_catalog.pg_extension_config_dump('email.topics', '');
 SELECT pg_catalog.pg_extension_config_dump('email.subscriptions', '');
 SELECT pg_catalog.pg_extension_config_dump('email.forgotten', '');
 SELECT pg_catalog.pg_extension_config_dump('email.forget_salt', '');
+SELECT pg_catalog.pg_extension_config_dump('email.webhooks', '');
+SELECT pg_catalog.pg_extension_config_dump('email.webhook_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('email.webhook_deliveries', '');
+SELECT pg_catalog.pg_extension_config_dump('email.webhook_deliveries_id_seq', '');
 
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
@@ -773,7 +839,12 @@ COMMENT ON FUNCTION email._forgotten_hash(text) IS 'The salted hash under which 
 COMMENT ON FUNCTION email._checked_address(text, text) IS 'The bare, lower-cased address of an argument; 22023 naming the field when it is not an address.';
 COMMENT ON FUNCTION email._require_topic(text) IS '42704 unless the topic exists.';
 COMMENT ON FUNCTION email._set_subscription(text, text, boolean) IS 'Records that an address joined or left a topic through the SQL API.';
-COMMENT ON FUNCTION email._receipts_stored() IS 'Sends one NOTIFY email_events per stored receipt (ids and event only), unless pg_email.notify is off.';
+COMMENT ON FUNCTION email._receipts_stored() IS 'Queues the webhook deliveries of stored receipts and sends one NOTIFY email_events per receipt (ids and event only), unless pg_email.notify is off.';
+COMMENT ON TABLE email.webhooks IS 'Outbound webhooks: URLs that get each event (of events, NULL: all) as Standard Webhooks-signed JSON. Add them with email.add_webhook; a 410 answer disables one.';
+COMMENT ON TABLE email.webhook_secrets IS 'The signing secret of each webhook; readable by the extension owner only.';
+COMMENT ON TABLE email.webhook_deliveries IS 'One row per event to deliver to a webhook, queued in the transaction that stored the event: queued, sent or failed.';
+COMMENT ON FUNCTION email.add_webhook IS 'Registers or replaces an outbound webhook (enabled again) and returns its Standard Webhooks signing secret (generated when none is given).';
+COMMENT ON FUNCTION email.remove_webhook IS 'Removes a webhook and its deliveries; true if it existed.';
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();

@@ -145,3 +145,66 @@ def test_one_notification_per_receipt_of_a_bulk_statement(mail, cap, n):
         assert len({p["id"] for p in mine}) == n
     finally:
         conn.close()
+
+
+# --- outbound webhooks: the SQL surface (delivery by the worker comes later) -------------------
+
+
+def test_add_webhook_returns_a_standard_webhooks_secret_and_validates(api):
+    import base64
+
+    import psycopg2.errors
+
+    try:
+        secret = api.val("SELECT email.add_webhook('hook1', 'https://app.example/hooks')")
+        assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
+        given = "whsec_" + base64.b64encode(bytes(range(24))).decode()
+        assert api.val("SELECT email.add_webhook('hook2', 'http://127.0.0.1:9/x', ARRAY['bounced', 'opened'], %s)",
+                       given) == given
+        assert api.all("SELECT name, url, events, enabled FROM email.webhooks ORDER BY name") == [
+            ("hook1", "https://app.example/hooks", None, True),
+            ("hook2", "http://127.0.0.1:9/x", ["bounced", "opened"], True)]
+        cols = [r[0] for r in api.all("SELECT attname FROM pg_attribute WHERE attrelid = 'email.webhooks'::regclass "
+                                      "AND attnum > 0 AND NOT attisdropped")]
+        assert not [c for c in cols if "secret" in c], cols
+        for args, field in [(("bad name", "https://x.example/"), "name"), (("h", "ftp://x.example/"), "url"),
+                            (("h", "https://u:p@x.example/"), "url"), (("h", "https://x.example/", ["nope"]), "events"),
+                            (("h", "https://x.example/", None, "whsec_c2hvcnQ="), "secret"),
+                            (("h", "https://x.example/", None, "not-a-secret"), "secret")]:
+            q = "SELECT email.add_webhook(" + ", ".join(["%s"] * len(args)) + ")"
+            with pytest.raises(psycopg2.errors.InvalidParameterValue) as e:
+                api.val(q, *args)
+            assert str(e.value).startswith(f"invalid {field}:"), e.value
+            assert "c2hvcnQ" not in str(e.value) and "not-a-secret" not in str(e.value)
+    finally:
+        api.all("DELETE FROM email.webhooks")
+
+
+def test_receipts_queue_one_delivery_per_matching_enabled_webhook(api):
+    try:
+        api.all("SELECT email.add_webhook('all', 'https://a.example/')")
+        api.all("SELECT email.add_webhook('bounces', 'https://b.example/', ARRAY['bounced'])")
+        api.all("SELECT email.add_webhook('cancels', 'https://c.example/', ARRAY['cancelled'])")
+        api.all("UPDATE email.webhooks SET enabled = false WHERE name = 'cancels'")
+        mid = api.val("SELECT email.send(recipients => 'a@x.org', subject => 's', body => 'b')")
+        assert api.val("SELECT email.cancel(%s)", mid) is True
+        rid = api.val("SELECT id FROM email.receipts WHERE message_id = %s AND event = 'cancelled'", mid)
+        assert api.all("SELECT webhook, status, attempts FROM email.webhook_deliveries WHERE receipt_id = %s", rid) == [
+            ("all", "queued", 0)]
+        # A rolled-back receipt queues nothing.
+        tx = connect("api", autocommit=False)
+        try:
+            with tx.cursor() as cur:
+                cur.execute("SELECT email.send(recipients => 'b@x.org', subject => 's', body => 'b')")
+                other = cur.fetchone()[0]
+                cur.execute("SELECT email.cancel(%s)", (other,))
+            tx.rollback()
+        finally:
+            tx.close()
+        assert api.val("SELECT count(*) FROM email.webhook_deliveries d JOIN email.receipts r ON r.id = d.receipt_id "
+                       "WHERE r.message_id = %s", other) == 0
+        assert api.val("SELECT email.remove_webhook('all')") is True
+        assert api.val("SELECT email.remove_webhook('all')") is False
+        assert api.val("SELECT count(*) FROM email.webhook_deliveries WHERE receipt_id = %s", rid) == 0
+    finally:
+        api.all("DELETE FROM email.webhooks")
