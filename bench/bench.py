@@ -601,7 +601,7 @@ def bench_webhooks():
         time.sleep(0.2)
     ours, base, our_p99, base_p99 = [], [], [], []
     for _ in range(REPS):
-        sql("TRUNCATE email.receipts, email.unmatched_events")
+        sql("TRUNCATE email.receipts, email.unmatched_events CASCADE")
         sql("UPDATE email.messages SET status = 'sent' WHERE status <> 'sent'")
         sql("VACUUM ANALYZE email.messages, email.receipts")
         secs, lat, statuses = post_all(LISTEN_PORT, reqs, conns)
