@@ -614,6 +614,9 @@ BEGIN
     FROM stored s
     JOIN email.webhooks w ON w.enabled AND (w.events IS NULL OR s.event = ANY (w.events))
     ORDER BY s.id, w.name;
+    IF FOUND THEN
+        PERFORM email._wake_workers();
+    END IF;
     RETURN NULL;
 END $$;
 -- Registers (or replaces) an outbound webhook and returns its signing secret (Standard

@@ -854,7 +854,10 @@ CREATE TABLE email.webhook_deliveries (
     created_at      timestamptz NOT NULL DEFAULT now(),
     sent_at         timestamptz
 );
-CREATE INDEX webhook_deliveries_due ON email.webhook_deliveries (next_attempt_at) WHERE status = 'queued';
+-- The latest failures (the dashboard's list and its bounce reasons) without walking every receipt.
+CREATE INDEX receipts_failures ON email.receipts (at) WHERE event IN ('failed', 'bounced');
+-- The due deliveries of each webhook, in order (the claim takes a few per webhook).
+CREATE INDEX webhook_deliveries_due ON email.webhook_deliveries (webhook, next_attempt_at, id) WHERE status = 'queued';
 CREATE INDEX webhook_deliveries_receipt ON email.webhook_deliveries (receipt_id);
 REVOKE ALL ON email.webhooks, email.webhook_secrets, email.webhook_deliveries FROM PUBLIC;
 REVOKE ALL ON SEQUENCE email.webhook_deliveries_id_seq FROM PUBLIC;
@@ -862,6 +865,11 @@ SELECT pg_catalog.pg_extension_config_dump('email.webhooks', '');
 SELECT pg_catalog.pg_extension_config_dump('email.webhook_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('email.webhook_deliveries', '');
 SELECT pg_catalog.pg_extension_config_dump('email.webhook_deliveries_id_seq', '');
+
+CREATE FUNCTION email._wake_workers() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_wake_workers_wrapper';
+REVOKE ALL ON FUNCTION email._wake_workers() FROM PUBLIC;
 
 -- Events out: after every statement that stores receipts, the deliveries of the webhooks that
 -- want them are queued, and one NOTIFY email_events is sent per receipt
@@ -882,6 +890,9 @@ BEGIN
     FROM stored s
     JOIN email.webhooks w ON w.enabled AND (w.events IS NULL OR s.event = ANY (w.events))
     ORDER BY s.id, w.name;
+    IF FOUND THEN
+        PERFORM email._wake_workers();
+    END IF;
     RETURN NULL;
 END $$;
 -- Registers (or replaces) an outbound webhook and returns its signing secret (Standard

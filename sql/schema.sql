@@ -132,6 +132,8 @@ CREATE TABLE email.receipts (
 );
 CREATE INDEX receipts_message_id ON email.receipts (message_id);
 CREATE INDEX receipts_at ON email.receipts (at);
+-- The latest failures (the dashboard's list and its bounce reasons) without walking every receipt.
+CREATE INDEX receipts_failures ON email.receipts (at) WHERE event IN ('failed', 'bounced');
 -- The same provider event twice is stored once.
 CREATE UNIQUE INDEX receipts_provider_event ON email.receipts (transport, provider_event_id)
     WHERE provider_event_id IS NOT NULL;
@@ -325,5 +327,6 @@ CREATE TABLE email.webhook_deliveries (
     created_at      timestamptz NOT NULL DEFAULT now(),
     sent_at         timestamptz
 );
-CREATE INDEX webhook_deliveries_due ON email.webhook_deliveries (next_attempt_at) WHERE status = 'queued';
+-- The due deliveries of each webhook, in order (the claim takes a few per webhook).
+CREATE INDEX webhook_deliveries_due ON email.webhook_deliveries (webhook, next_attempt_at, id) WHERE status = 'queued';
 CREATE INDEX webhook_deliveries_receipt ON email.webhook_deliveries (receipt_id);

@@ -47,8 +47,18 @@ static LISTEN_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString
 static PUBLIC_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Track opens / clicks of messages whose send call leaves it NULL.
 static TRACK_OPENS: GucSetting<bool> = GucSetting::<bool>::new(false);
-static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TRACK_CLICKS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// NOTIFY email_events once per stored receipt (read by the receipts trigger).
+static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Hosts (or host:port) outbound webhooks may reach although they are loopback or private.
+static WEBHOOK_ALLOW_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Longest one webhook request may take, connecting to the answer's last byte, in ms.
+static WEBHOOK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Most deliveries of one webhook a worker has in flight at once.
+static WEBHOOK_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// The password of GET /dashboard on the listener (HTTP Basic, user admin); empty: no dashboard.
+static DASHBOARD_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The domain of VERP return paths and the List-Unsubscribe mailto address.
 static BOUNCE_DOMAIN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -247,6 +257,39 @@ pub fn init() {
         GucFlags::default(),
     );
 
+    GucRegistry::define_string_guc(
+        c"pg_email.webhook_allow_hosts",
+        c"Hosts (or host:port, comma-separated) outbound webhooks may reach although they resolve to loopback, private or link-local addresses.",
+        c"",
+        &WEBHOOK_ALLOW_HOSTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_email.webhook_timeout",
+        c"Longest one outbound webhook request may take, connecting included.",
+        &WEBHOOK_TIMEOUT_MS,
+        100,
+        300_000,
+        GucFlags::UNIT_MS,
+    );
+    int(
+        c"pg_email.webhook_concurrency",
+        c"Most deliveries of one outbound webhook each worker has in flight at once.",
+        &WEBHOOK_CONCURRENCY,
+        1,
+        1000,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.dashboard_password",
+        c"The password of GET /dashboard on the listener (HTTP Basic, user admin); empty: no dashboard.",
+        c"",
+        &DASHBOARD_PASSWORD,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+
     // SAFETY: called once from _PG_init in the postmaster with a static NUL-terminated prefix,
     // after every pg_email setting is defined.
     unsafe {
@@ -359,4 +402,18 @@ pub fn inbound_domains() -> Vec<String> {
         );
     }
     out
+}
+/// The webhook allow list as written (parsed by `outbound::AllowList`).
+pub fn webhook_allow_hosts() -> Option<String> {
+    string(&WEBHOOK_ALLOW_HOSTS)
+}
+pub fn webhook_timeout() -> Duration {
+    ms(WEBHOOK_TIMEOUT_MS.get())
+}
+pub fn webhook_concurrency() -> usize {
+    WEBHOOK_CONCURRENCY.get().max(1) as usize
+}
+/// `None`: the dashboard is off.
+pub fn dashboard_password() -> Option<String> {
+    DASHBOARD_PASSWORD.get().and_then(|c| c.into_string().ok()).filter(|v| !v.is_empty())
 }

@@ -31,6 +31,13 @@ fn _config_changed() {
     crate::xact::config_changed();
 }
 
+/// Called by the receipts trigger when it queued webhook deliveries: the workers are woken when
+/// the transaction commits, as for queued mail.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _wake_workers() {
+    crate::xact::mark_queued();
+}
+
 // The previous hook is Postgres C code; the call goes through pg_guard_ffi_boundary, which turns
 // a longjmp from it into a Rust panic that pg_guard re-raises as the same ERROR.
 #[allow(ffi_unwind_calls)]

@@ -8,12 +8,15 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_SECURITY_POLICY, CONTENT_TYPE, LOCATION,
+    WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{oneshot, Notify};
 
@@ -31,6 +34,9 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_QUEUED_ROWS: usize = 200_000;
 /// Largest SNS certificate fetched.
 const MAX_CERT: usize = 64 * 1024;
+/// How long a rendered dashboard is served again before the database is read anew: reloading
+/// the page in a loop costs one transaction per this interval, not one per request.
+const DASHBOARD_CACHE: Duration = Duration::from_secs(5);
 
 /// What the main thread is asked to do in its next transaction.
 #[derive(Debug)]
@@ -43,6 +49,8 @@ pub enum Job {
     Certificate { url: String, pem: String },
     /// A message received over SMTP or LMTP.
     Inbound(Box<super::smtp::Envelope>),
+    /// The dashboard page, read and rendered.
+    Dashboard,
 }
 
 /// The main thread's answer.
@@ -56,6 +64,8 @@ pub enum Answer {
     Failed,
     /// Refused for good, with the reply to give (SMTP: a 5xx line).
     Refused(String),
+    /// The dashboard page.
+    Page(Rc<String>),
 }
 
 pub struct Work {
@@ -69,6 +79,8 @@ pub struct Config {
     /// The webhook settings of each transport that has them.
     pub webhooks: HashMap<String, webhook::Config>,
     pub keys: Keys,
+    /// pg_email.dashboard_password; None: GET /dashboard is 404.
+    pub dashboard_password: Option<String>,
 }
 
 /// Shared between the handlers and the main thread (one thread: `Rc`/`RefCell`).
@@ -91,6 +103,8 @@ pub struct State {
     pub open_connections: Cell<usize>,
     /// Lines for the server log, written by the main thread (ereport is main-thread only).
     pub logs: RefCell<Vec<String>>,
+    /// The dashboard page last rendered, and when.
+    dashboard: RefCell<Option<(Instant, Rc<String>)>>,
 }
 
 impl State {
@@ -113,6 +127,7 @@ impl State {
             dropped: Cell::new(0),
             open_connections: Cell::new(0),
             logs: RefCell::new(Vec::new()),
+            dashboard: RefCell::new(None),
         })
     }
 
@@ -257,10 +272,42 @@ async fn route(state: &Rc<State>, peer: SocketAddr, req: Request<Incoming>) -> R
             let token = token.to_string();
             unsubscribe(state, peer, &token, req).await
         }
+        (&Method::GET | &Method::HEAD, ["dashboard"]) => dashboard(state, &req).await,
         (_, ["webhooks" | "o" | "c" | "u", rest]) if !rest.is_empty() && !rest.contains('/') => method_not_allowed(),
-        (_, ["health"]) => method_not_allowed(),
+        (_, ["health" | "dashboard"]) => method_not_allowed(),
         _ => not_found(),
     }
+}
+
+/// GET /dashboard: the page, behind HTTP Basic (user `admin`, `pg_email.dashboard_password`);
+/// 404 while no password is set. The page loads nothing and runs no script (the CSP says so too).
+async fn dashboard(state: &Rc<State>, req: &Request<Incoming>) -> Response<Body> {
+    let Some(password) = state.config.borrow().dashboard_password.clone() else {
+        return not_found();
+    };
+    let csp = HeaderValue::from_static(crate::dashboard::CONTENT_SECURITY_POLICY);
+    let authorization = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if !crate::dashboard::check_basic_auth(authorization, "admin", &password) {
+        let mut r = page(StatusCode::UNAUTHORIZED, crate::dashboard::unauthorized());
+        r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(crate::dashboard::WWW_AUTHENTICATE));
+        r.headers_mut().insert(CONTENT_SECURITY_POLICY, csp);
+        return r;
+    }
+    let cached =
+        state.dashboard.borrow().as_ref().filter(|(at, _)| at.elapsed() < DASHBOARD_CACHE).map(|(_, p)| p.clone());
+    let html = match cached {
+        Some(html) => html,
+        None => match state.ask(Job::Dashboard).await {
+            Answer::Page(html) => {
+                *state.dashboard.borrow_mut() = Some((Instant::now(), html.clone()));
+                html
+            }
+            _ => return text(StatusCode::SERVICE_UNAVAILABLE, "the dashboard cannot be read now"),
+        },
+    };
+    let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", Bytes::from(html.as_bytes().to_vec()));
+    r.headers_mut().insert(CONTENT_SECURITY_POLICY, csp);
+    r
 }
 
 fn method_not_allowed() -> Response<Body> {

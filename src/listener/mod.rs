@@ -5,6 +5,7 @@
 //! short transaction for everything the handlers queued; only then are the waiting webhook and
 //! unsubscribe requests answered. Postgres is only ever called from the main thread.
 
+pub mod dashboard;
 pub mod http;
 pub mod smtp;
 
@@ -124,12 +125,14 @@ struct Listener {
 
 impl Listener {
     /// Waits on the latch; false when the worker must stop.
-    fn wait(&self, timeout: Duration) -> bool {
+    fn wait(&mut self, timeout: Duration) -> bool {
         let alive = BackgroundWorker::wait_latch(Some(timeout));
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading the configuration file on the main thread outside any
             // transaction is what Postgres' own processes do on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            // The handlers' copy of the settings (the dashboard password) is rebuilt at once.
+            self.loaded_at = None;
         }
         alive
     }
@@ -149,7 +152,7 @@ impl Listener {
 
     /// Binds `addr`, retrying while it is still taken (a restart right after a crash); None when
     /// the worker must stop meanwhile.
-    fn bind_retrying(&self, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+    fn bind_retrying(&mut self, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let old = block_signals();
@@ -311,6 +314,8 @@ impl Listener {
             let keys = self.state.config.borrow().keys.clone();
             let answers = BackgroundWorker::transaction(|| {
                 let mut answers = Vec::with_capacity(work.len());
+                // One dashboard read per transaction, however many asked.
+                let mut page: Option<Rc<String>> = None;
                 // The event rows of every request, in one statement; should it fail, each request
                 // on its own.
                 let rows: Vec<&serde_json::Value> = work
@@ -350,6 +355,20 @@ impl Listener {
                             }
                             Answer::Stored(0)
                         }
+                        Job::Dashboard => match &page {
+                            Some(p) => Answer::Page(p.clone()),
+                            None => match crate::subxact::run(|| dashboard::read(&gucs::database())) {
+                                Ok(d) => {
+                                    let p = Rc::new(crate::dashboard::render(&d));
+                                    page = Some(p.clone());
+                                    Answer::Page(p)
+                                }
+                                Err(e) => {
+                                    warning!("pg_email listener: reading the dashboard failed: {e}");
+                                    Answer::Failed
+                                }
+                            },
+                        },
                         Job::Inbound(envelope) => match crate::subxact::run(|| inbound(envelope, &keys)) {
                             Ok(Ok(id)) => Answer::Stored(id),
                             Ok(Err(why)) => Answer::Refused(why),
@@ -445,7 +464,11 @@ impl Listener {
                 }
             }
         }
-        *self.state.config.borrow_mut() = Rc::new(http::Config { webhooks, keys: tracking::Keys::new(keys) });
+        *self.state.config.borrow_mut() = Rc::new(http::Config {
+            webhooks,
+            keys: tracking::Keys::new(keys),
+            dashboard_password: gucs::dashboard_password(),
+        });
         *self.state.smtp.borrow_mut() = Rc::new(smtp::Config {
             hostname: gucs::bounce_domain().unwrap_or_else(|| "localhost".into()),
             max_message_size: gucs::max_message_size(),

@@ -5,6 +5,7 @@
 //! runtime in bounded slices (so signals are seen within milliseconds), and records finished
 //! sends in batches. Futures get plain values, never Postgres pointers.
 
+pub mod hooks;
 pub mod queue;
 
 use std::collections::HashMap;
@@ -99,6 +100,8 @@ struct Worker {
     /// The DKIM keys, parsed again only when their fingerprint changes.
     dkim: Rc<crate::dkim::Signers>,
     dkim_version: Option<String>,
+    /// Outbound webhook deliveries in flight.
+    hooks: hooks::Hooks,
 }
 
 #[pg_guard]
@@ -139,6 +142,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         keys: Rc::new(tracking::Keys::new(Vec::new())),
         dkim: Rc::default(),
         dkim_version: None,
+        hooks: hooks::Hooks::default(),
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
@@ -396,6 +400,7 @@ impl Worker {
             if tick {
                 last_tick = Instant::now();
                 maybe_due = true;
+                self.hooks.maybe_due = true;
                 let reaped = queue::reap(None);
                 if reaped > 0 {
                     log!("pg_email worker {}: requeued {reaped} messages whose lease expired", self.slot);
@@ -410,6 +415,7 @@ impl Worker {
             }
             if shmem::shared().is_some_and(|s| s.pending.swap(false, Ordering::AcqRel)) {
                 maybe_due = true;
+                self.hooks.maybe_due = true;
             }
 
             // Refill free send slots, in batches worth a transaction.
@@ -440,7 +446,22 @@ impl Worker {
                     self.start(job);
                 }
             }
+            // Webhook deliveries: claimed apart from mail, each webhook capped, so that neither
+            // waits for the other.
+            self.hooks.start_due(self.slot);
 
+            if self.sending.is_empty() && self.done.is_empty() && !self.hooks.is_idle() {
+                // Only webhook posts in flight (a slow endpoint, say): let them progress for a
+                // moment, then sleep on the latch, which new mail sets, so mail never waits for
+                // them.
+                self.set_state(WorkerState::Sending, "sending webhooks");
+                self.drive(Duration::from_millis(1));
+                self.hooks.record(self.slot);
+                if !self.wait(Duration::from_millis(4)) {
+                    break;
+                }
+                continue;
+            }
             if self.sending.is_empty() && self.done.is_empty() {
                 if gucs::paused() {
                     self.set_state(WorkerState::Paused, "paused (pg_email.paused)");
@@ -462,6 +483,7 @@ impl Worker {
             self.set_state(WorkerState::Sending, "sending");
             self.drive(Duration::from_millis(5));
             self.record();
+            self.hooks.record(self.slot);
             if !self.wait(Duration::ZERO) {
                 break;
             }
@@ -564,28 +586,45 @@ impl Worker {
         self.done.push((o, None));
     }
 
-    /// Runs the runtime for up to `slice`, collecting finished sends, and returns early when
-    /// nothing is left in flight or a batch is complete. Signals are blocked meanwhile and taken
+    /// Runs the runtime for up to `slice`, collecting finished sends and webhook posts, and
+    /// returns early when a batch is complete, or when no mail is left in flight (while mail is
+    /// sent, webhook posts are collected as they finish). Signals are blocked meanwhile and taken
     /// as soon as it returns.
     fn drive(&mut self, slice: Duration) {
         let sending = &mut self.sending;
+        let posting = &mut self.hooks.posting;
         let max = gucs::batch_size();
         let old = block_signals();
-        let finished = self.rt.block_on(async {
+        let (finished, posted) = self.rt.block_on(async {
             let deadline = tokio::time::Instant::now() + slice;
-            let mut out = Vec::new();
-            while let Ok(Some(o)) = tokio::time::timeout_at(deadline, sending.next()).await {
-                out.push(o);
-                if out.len() >= max {
-                    break;
+            let (mut out, mut posted) = (Vec::new(), Vec::new());
+            let hooks_only = sending.is_empty();
+            while !(sending.is_empty() && (posting.is_empty() || !hooks_only)) {
+                tokio::select! {
+                    Some(o) = sending.next(), if !sending.is_empty() => {
+                        out.push(o);
+                        if out.len() >= max {
+                            break;
+                        }
+                    }
+                    Some(d) = posting.next(), if !posting.is_empty() => {
+                        posted.push(d);
+                        if posted.len() >= hooks::CLAIM_BATCH {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => break,
                 }
             }
-            out
+            (out, posted)
         });
         restore_signals(old);
         for o in finished {
             let f = self.in_flight.remove(&o.id);
             self.done.push((o, f));
+        }
+        for d in posted {
+            self.hooks.finish(d);
         }
     }
 
@@ -637,10 +676,12 @@ impl Worker {
     fn shutdown(&mut self) {
         self.set_state(WorkerState::Stopping, "stopping");
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !self.sending.is_empty() && Instant::now() < deadline {
+        while !(self.sending.is_empty() && self.hooks.posting.is_empty()) && Instant::now() < deadline {
             self.drive(Duration::from_millis(50));
         }
         self.record();
+        self.hooks.record(self.slot);
+        self.hooks.release();
         let left: Vec<i64> = self.in_flight.keys().copied().collect();
         self.sending = FuturesUnordered::new();
         self.in_flight.clear();

@@ -1,0 +1,305 @@
+//! Outbound webhook deliveries, run by each delivery worker beside its mail. The main thread
+//! claims due rows of `email.webhook_deliveries` in a short transaction (at most
+//! `pg_email.webhook_concurrency` in flight per webhook in this worker), turns each into a signed
+//! POST (see `crate::outbound`) that runs as a future on the worker's runtime, and records the
+//! answers in one transaction per batch. A webhook that hangs holds only its own slots: mail
+//! and the other webhooks go on. Postgres is only called from the main thread.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
+use pgrx::JsonB;
+
+use crate::outbound::{self, AllowList, Clients};
+use crate::{deliver, gucs};
+
+const CLAIM: &str = include_str!("../../sql/worker/hooks_claim.sql");
+const RECORD: &str = include_str!("../../sql/worker/hooks_record.sql");
+const RELEASE: &str = include_str!("../../sql/worker/hooks_release.sql");
+
+/// The most bytes of an answer's body kept in `last_error`.
+const EXCERPT: usize = 500;
+/// The most deliveries claimed in one transaction.
+pub(super) const CLAIM_BATCH: usize = 256;
+
+/// One claimed delivery, as read back.
+struct Claimed {
+    id: i64,
+    webhook: String,
+    url: String,
+    secret: String,
+    /// Attempts made before this one.
+    attempts: i32,
+    event: outbound::Event,
+}
+
+/// What one attempt came to.
+pub(super) struct Done {
+    id: i64,
+    webhook: String,
+    /// This attempt's number (1 for the first).
+    attempt: i32,
+    status: Option<u16>,
+    outcome: outbound::Outcome,
+}
+
+type Posting = Pin<Box<dyn Future<Output = Done>>>;
+
+/// A worker's webhook deliveries in flight and the clients that send them.
+#[derive(Default)]
+pub struct Hooks {
+    clients: Option<(Clients, String, Duration)>,
+    pub(super) posting: FuturesUnordered<Posting>,
+    per_webhook: HashMap<String, usize>,
+    in_flight: Vec<i64>,
+    done: Vec<Done>,
+    /// Deliveries may be due: claim at the next chance.
+    pub maybe_due: bool,
+}
+
+impl Hooks {
+    pub fn is_idle(&self) -> bool {
+        self.posting.is_empty() && self.done.is_empty()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.posting.len()
+    }
+
+    /// The clients for the current settings, built again when the allow list or the timeout
+    /// changed. None (logged) when the allow list cannot be read or TLS cannot be set up.
+    fn clients(&mut self, slot: i32) -> Option<&Clients> {
+        let allow = gucs::webhook_allow_hosts().unwrap_or_default();
+        let timeout = gucs::webhook_timeout();
+        let stale = !matches!(&self.clients, Some((_, a, t)) if *a == allow && *t == timeout);
+        if stale {
+            self.clients = None;
+            let list = match AllowList::parse(&allow) {
+                Ok(l) => l,
+                Err(e) => {
+                    warning!("pg_email worker {slot}: pg_email.webhook_allow_hosts: {e}");
+                    return None;
+                }
+            };
+            match Clients::new(timeout, list) {
+                Ok(c) => self.clients = Some((c, allow, timeout)),
+                Err(e) => {
+                    warning!("pg_email worker {slot}: webhook clients cannot be built: {e}");
+                    return None;
+                }
+            }
+        }
+        self.clients.as_ref().map(|(c, _, _)| c)
+    }
+
+    /// Claims due deliveries (those of webhooks below their cap) and starts posting them.
+    pub fn start_due(&mut self, slot: i32) {
+        if !self.maybe_due {
+            return;
+        }
+        self.maybe_due = false;
+        let cap = gucs::webhook_concurrency();
+        let room = (cap * 64).min(CLAIM_BATCH * 4).saturating_sub(self.posting.len()).min(CLAIM_BATCH);
+        if room == 0 {
+            return;
+        }
+        let lease_ms = gucs::lease().max(gucs::webhook_timeout() * 2).as_secs_f64() * 1000.0;
+        let claimed = claim(&self.per_webhook, cap, lease_ms, room);
+        // A full batch: more may be waiting.
+        self.maybe_due = claimed.len() == room;
+        if claimed.is_empty() {
+            return;
+        }
+        let version = env!("CARGO_PKG_VERSION");
+        let Some(clients) = self.clients(slot).cloned() else {
+            // Nothing can be sent: the leases expire and the rows are claimed again later.
+            return;
+        };
+        for c in claimed {
+            *self.per_webhook.entry(c.webhook.clone()).or_default() += 1;
+            self.in_flight.push(c.id);
+            self.posting.push(Box::pin(post(clients.clone(), c, version)));
+        }
+    }
+
+    /// Takes one finished attempt (from the worker's `drive`).
+    pub(super) fn finish(&mut self, d: Done) {
+        if let Some(n) = self.per_webhook.get_mut(&d.webhook) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_webhook.remove(&d.webhook);
+            }
+        }
+        self.in_flight.retain(|id| *id != d.id);
+        // A slot came free: deliveries waiting behind the cap may go now.
+        self.maybe_due = true;
+        self.done.push(d);
+    }
+
+    /// Writes the finished attempts in one transaction.
+    pub fn record(&mut self, slot: i32) {
+        if self.done.is_empty() {
+            return;
+        }
+        let (max_attempts, base, max) = (gucs::max_attempts(), gucs::retry_base(), gucs::retry_max());
+        let rows: Vec<serde_json::Value> = self.done.drain(..).map(|d| row(&d, max_attempts, base, max)).collect();
+        let disabled: Vec<&str> = rows.iter().filter_map(|r| r["disable"].as_str()).collect();
+        for why in disabled {
+            log!("pg_email worker {slot}: {why}");
+        }
+        BackgroundWorker::transaction(move || {
+            Spi::connect_mut(|client| {
+                if let Err(e) = client.update(RECORD, None, &[JsonB(serde_json::Value::Array(rows)).into()]) {
+                    warning!("pg_email worker {slot}: recording webhook deliveries failed: {e}");
+                }
+            })
+        });
+    }
+
+    /// Shutdown: what is still in flight goes back to the queue (its attempt not counted).
+    pub fn release(&mut self) {
+        let ids = std::mem::take(&mut self.in_flight);
+        self.posting = FuturesUnordered::new();
+        self.per_webhook.clear();
+        if ids.is_empty() {
+            return;
+        }
+        BackgroundWorker::transaction(move || {
+            Spi::connect_mut(|client| {
+                let _ = client.update(RELEASE, None, &[ids.into()]);
+            })
+        });
+    }
+}
+
+/// The record of one attempt for hooks_record.sql.
+fn row(d: &Done, max_attempts: i32, base: Duration, max: Duration) -> serde_json::Value {
+    let (status, error, delay, disable) = match &d.outcome {
+        outbound::Outcome::Sent => ("sent", None, None, None),
+        outbound::Outcome::Disable => (
+            "failed",
+            Some("HTTP 410 Gone: the webhook is disabled".to_string()),
+            None,
+            Some(format!("webhook \"{}\" disabled: its URL answered 410 Gone", d.webhook)),
+        ),
+        outbound::Outcome::Retry { reason, after } => {
+            if d.attempt >= max_attempts {
+                ("failed", Some(format!("{reason} (attempt {} of {max_attempts}, giving up)", d.attempt)), None, None)
+            } else {
+                let wait = deliver::backoff(d.attempt, base, max).max(after.unwrap_or_default());
+                ("queued", Some(reason.clone()), Some(wait.as_secs_f64() * 1000.0), None)
+            }
+        }
+    };
+    serde_json::json!({
+        "id": d.id,
+        "attempt": d.attempt,
+        "status": status,
+        "response_status": d.status,
+        "last_error": error,
+        "delay_ms": delay,
+        "disable": disable,
+    })
+}
+
+/// One attempt: sign, POST, read the answer. Never panics, never waits past the client's timeout.
+async fn post(clients: Clients, c: Claimed, version: &'static str) -> Done {
+    let attempt = c.attempts + 1;
+    let done = |status: Option<u16>, outcome| Done { id: c.id, webhook: c.webhook.clone(), attempt, status, outcome };
+    let retry = |reason: String| outbound::Outcome::Retry { reason, after: None };
+    let url = match outbound::check_url(&c.url) {
+        Ok(u) => u,
+        Err(e) => return done(None, retry(e.to_string())),
+    };
+    let secret = match outbound::Secret::parse(&c.secret) {
+        Ok(s) => s,
+        Err(e) => return done(None, retry(format!("the webhook's secret: {e}"))),
+    };
+    let client = match clients.pick(&url) {
+        Ok(client) => client,
+        Err(e) => return done(None, retry(e.to_string())),
+    };
+    let body = outbound::body(&c.event);
+    let timestamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let msg_id = format!("msg_{}", c.id);
+    let mut request = client.post(url);
+    for (k, v) in outbound::headers(&secret, &msg_id, timestamp, &body, version) {
+        request = request.header(k, v);
+    }
+    match request.body(body).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after =
+                response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let outcome = outbound::classify(status, retry_after.as_deref());
+            let outcome = match outcome {
+                outbound::Outcome::Retry { reason, after } => {
+                    let text = outbound::excerpt(response, EXCERPT).await;
+                    let text = text.trim();
+                    let reason = if text.is_empty() { reason } else { format!("{reason}: {text}") };
+                    outbound::Outcome::Retry { reason, after }
+                }
+                other => other,
+            };
+            done(Some(status), outcome)
+        }
+        Err(e) => done(None, retry(outbound::describe(&e))),
+    }
+}
+
+fn text(row: &SpiHeapTupleData, name: &str) -> Option<String> {
+    row.get_by_name::<String, _>(name).ok().flatten()
+}
+
+/// Claims up to `limit` due deliveries, at most `cap` in flight per webhook counting `busy`.
+fn claim(busy: &HashMap<String, usize>, cap: usize, lease_ms: f64, limit: usize) -> Vec<Claimed> {
+    let (names, counts): (Vec<String>, Vec<i32>) = busy.iter().map(|(k, v)| (k.clone(), *v as i32)).unzip();
+    BackgroundWorker::transaction(move || {
+        Spi::connect_mut(|client| {
+            let args: Vec<DatumWithOid> =
+                vec![names.into(), counts.into(), (cap as i32).into(), lease_ms.into(), (limit as i64).into()];
+            match client.update(CLAIM, None, &args) {
+                Ok(rows) => rows.map(|r| claimed(&r)).collect(),
+                Err(e) => {
+                    warning!("pg_email worker: claiming webhook deliveries failed: {e}");
+                    Vec::new()
+                }
+            }
+        })
+    })
+}
+
+fn claimed(r: &SpiHeapTupleData) -> Claimed {
+    let event = outbound::Event {
+        event: text(r, "event").unwrap_or_default(),
+        receipt_id: r.get_by_name("receipt_id").ok().flatten().unwrap_or_default(),
+        message_id: r.get_by_name("message_id").ok().flatten().unwrap_or_default(),
+        rfc_message_id: text(r, "rfc_message_id"),
+        recipient: text(r, "recipient"),
+        transport: text(r, "transport"),
+        tags: r.get_by_name::<Vec<String>, _>("tags").ok().flatten().unwrap_or_default(),
+        metadata: text(r, "metadata").and_then(|m| serde_json::from_str(&m).ok()).unwrap_or(serde_json::Value::Null),
+        smtp_code: r.get_by_name("smtp_code").ok().flatten(),
+        enhanced_code: text(r, "enhanced_code"),
+        response: text(r, "response"),
+        bounce_type: text(r, "bounce_type"),
+        url: text(r, "url"),
+        at: r.get_by_name("at").ok().flatten().unwrap_or_default(),
+    };
+    Claimed {
+        id: r.get_by_name("id").ok().flatten().unwrap_or_default(),
+        webhook: text(r, "webhook").unwrap_or_default(),
+        url: text(r, "url_to").unwrap_or_default(),
+        secret: text(r, "secret").unwrap_or_default(),
+        attempts: r.get_by_name("attempts").ok().flatten().unwrap_or_default(),
+        event,
+    }
+}
