@@ -934,6 +934,56 @@ def bench_dkim():
 def bench_dkim_ed25519():
     dkim_drain(15, ["ed25519-sha256"], "Ed25519 only")
 
+def bench_outbound():
+    n = 20_000
+    log(f"16. outbound webhooks: SMTP drain of {n:,} messages with a webhook on every 'sent' event (to nginx) vs without")
+    url = f"http://127.0.0.1:{HTTP_PORT}/webhooks/outbound"
+    set_conf(webhook_allow_hosts="127.0.0.1", webhook_concurrency=os.environ.get("WHC", "16"))
+
+    def run(hooks):
+        sql("DELETE FROM email.webhooks")
+        if hooks:
+            sql("SELECT email.add_webhook('bench', %s, ARRAY['sent'])", url)
+        reset()
+        enqueue(n, "sink")
+        mail = n / drain(n)
+        posted = None
+        if hooks:
+            # The drain timer started when mail was unpaused; deliveries keep going while paused.
+            t = time.monotonic() - n / mail
+            while val("SELECT count(*) FROM email.webhook_deliveries WHERE status = 'sent'") < n:
+                if time.monotonic() - t > 600:
+                    raise RuntimeError("webhook deliveries stalled")
+                time.sleep(0.02)
+            posted = n / (time.monotonic() - t)
+            bad = val("SELECT count(*) FROM email.webhook_deliveries WHERE status <> 'sent' OR attempts <> 1")
+            assert bad == 0, f"{bad} deliveries not sent at the first attempt"
+        wait_idle()
+        return mail, posted
+
+    with_hooks, without = [], []
+    try:
+        for r in range(REPS):
+            for hooks in ((False, True) if r % 2 == 0 else (True, False)):
+                (with_hooks if hooks else without).append(run(hooks))
+    finally:
+        sql("DELETE FROM email.webhooks")
+    lua = os.path.join(DIR, "hook.lua")
+    with open(lua, "w") as f:
+        f.write('wrk.method = "POST"\nwrk.body = \'{"type":"email.sent","data":{}}\'\n'
+                'wrk.headers["Content-Type"] = "application/json"\n')
+    out = subprocess.run(["wrk", "-t", "2", "-c", "16", "-d", "5s", "-s", lua, url], check=True, capture_output=True,
+                         text=True).stdout
+    wrk = float(next(l for l in out.splitlines() if l.startswith("Requests/sec")).split()[1])
+    posted = statistics.median(p for _, p in with_hooks)
+    record(16, f"outbound webhook deliveries/s during an SMTP drain of {n:,} (one per sent message, to nginx)",
+           round(posted), "deliveries/s", round(wrk), round(posted / wrk, 2), "≥ 5,000/s", posted >= 5000,
+           extra={"baseline_is": "wrk, 16 connections, the same POST to the same nginx"})
+    m_on, m_off = statistics.median(m for m, _ in with_hooks), statistics.median(m for m, _ in without)
+    record(16, f"SMTP drain with webhook traffic vs without, {n:,} × 2 KB to smtp-sink", round(m_on), "msg/s",
+           round(m_off), round(m_on / m_off, 2), "ratio ≥ 0.9", m_on / m_off >= 0.9)
+
+
 def main():
     global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT
     os.makedirs(DIR, exist_ok=True)
@@ -961,7 +1011,7 @@ def main():
         for n, fn in enumerate([bench_enqueue, bench_bulk, bench_smtp_drain, bench_http_drain, bench_latency,
                                 bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks,
                                 bench_inbound, bench_verp, bench_topic, bench_dkim,
-                                bench_dkim_ed25519], 1):
+                                bench_dkim_ed25519, bench_outbound], 1):
             if not only or str(n) in only:
                 fn()
     finally:

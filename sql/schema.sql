@@ -330,3 +330,36 @@ CREATE TABLE email.webhook_deliveries (
 -- The due deliveries of each webhook, in order (the claim takes a few per webhook).
 CREATE INDEX webhook_deliveries_due ON email.webhook_deliveries (webhook, next_attempt_at, id) WHERE status = 'queued';
 CREATE INDEX webhook_deliveries_receipt ON email.webhook_deliveries (receipt_id);
+
+-- email.stats, kept up to date by the receipts trigger (see sql/finalize.sql).
+-- Per message: the bits of its receipts so far (flags), when it was sent (sent_at: NULL until it
+-- was accepted or refused), and what the last change replaced (prev_*), which the trigger turns
+-- into the change of the counts. Internal: read email._engagement.
+CREATE TABLE email._message_engagement (
+    message_id      bigint PRIMARY KEY,
+    sent_at         timestamptz,
+    flags           integer NOT NULL,
+    prev_sent_at    timestamptz,
+    prev_flags      integer NOT NULL DEFAULT 0
+) WITH (fillfactor = 80);
+-- The dashboard's windows (last 24 hours, last 30 days).
+CREATE INDEX message_engagement_sent_at ON email._message_engagement (sent_at) INCLUDE (flags)
+    WHERE sent_at IS NOT NULL;
+
+-- The counts per UTC day of sending, transport, template, tag (NULL: untagged) and the role that
+-- queued the messages (row-level security, as for email.messages).
+CREATE TABLE email._stats_daily (
+    day             date NOT NULL,
+    transport       text NOT NULL,
+    template        text,
+    tag             text,
+    created_by      text NOT NULL,
+    sent            integer NOT NULL DEFAULT 0,
+    delivered       integer NOT NULL DEFAULT 0,
+    bounced         integer NOT NULL DEFAULT 0,
+    complained      integer NOT NULL DEFAULT 0,
+    opened          integer NOT NULL DEFAULT 0,
+    clicked         integer NOT NULL DEFAULT 0,
+    unsubscribed    integer NOT NULL DEFAULT 0,
+    CONSTRAINT stats_daily_key UNIQUE NULLS NOT DISTINCT (day, transport, template, tag, created_by)
+) WITH (fillfactor = 70);

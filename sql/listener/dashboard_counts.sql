@@ -1,2 +1,26 @@
--- PLACEHOLDER until email._engagement lands
-SELECT ''::text AS label, 0::int8 AS sent, 0::int8 AS delivered, 0::int8 AS bounced, 0::int8 AS complained, 0::int8 AS opened, 0::int8 AS clicked WHERE $1 IS NULL
+-- The dashboard's charts: per UTC hour of the last 24 hours ($1 = 'hour') or per UTC day of the
+-- last 30 days ($1 = 'day'), oldest first, empty buckets included: the messages sent then and
+-- what they did since, by the definitions of email.stats (email._message_engagement's bits; its
+-- sent_at index finds the window).
+WITH buckets AS (
+    SELECT g AS start,
+           to_char(g AT TIME ZONE 'UTC', CASE WHEN $1 = 'hour' THEN 'HH24:00' ELSE 'YYYY-MM-DD' END) AS label
+    FROM generate_series(
+        date_trunc($1, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+            - CASE WHEN $1 = 'hour' THEN interval '23 hours' ELSE interval '29 days' END,
+        date_trunc($1, now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+        CASE WHEN $1 = 'hour' THEN interval '1 hour' ELSE interval '1 day' END) AS g
+)
+SELECT b.label,
+       count(e.message_id) AS sent,
+       count(*) FILTER (WHERE e.flags & 4 <> 0) AS delivered,
+       count(*) FILTER (WHERE e.flags & 8 <> 0) AS bounced,
+       count(*) FILTER (WHERE e.flags & 16 <> 0) AS complained,
+       count(*) FILTER (WHERE e.flags & 32 <> 0) AS opened,
+       count(*) FILTER (WHERE e.flags & 64 <> 0) AS clicked
+FROM buckets b
+LEFT JOIN email._message_engagement e
+       ON e.sent_at >= b.start
+      AND e.sent_at < b.start + CASE WHEN $1 = 'hour' THEN interval '1 hour' ELSE interval '1 day' END
+GROUP BY b.start, b.label
+ORDER BY b.start

@@ -451,13 +451,13 @@ impl Worker {
             self.hooks.start_due(self.slot);
 
             if self.sending.is_empty() && self.done.is_empty() && !self.hooks.is_idle() {
-                // Only webhook posts in flight (a slow endpoint, say): let them progress for a
-                // moment, then sleep on the latch, which new mail sets, so mail never waits for
-                // them.
+                // Only webhook posts in flight: drive them for at most 2 ms (less once some have
+                // finished, so their slots are refilled at once), then look at the latch, so new
+                // mail never waits behind a slow endpoint.
                 self.set_state(WorkerState::Sending, "sending webhooks");
-                self.drive(Duration::from_millis(1));
+                self.drive(Duration::from_millis(2));
                 self.hooks.record(self.slot);
-                if !self.wait(Duration::from_millis(4)) {
+                if !self.wait(Duration::ZERO) {
                     break;
                 }
                 continue;
@@ -596,7 +596,7 @@ impl Worker {
         let max = gucs::batch_size();
         let old = block_signals();
         let (finished, posted) = self.rt.block_on(async {
-            let deadline = tokio::time::Instant::now() + slice;
+            let mut deadline = tokio::time::Instant::now() + slice;
             let (mut out, mut posted) = (Vec::new(), Vec::new());
             let hooks_only = sending.is_empty();
             while !(sending.is_empty() && (posting.is_empty() || !hooks_only)) {
@@ -611,6 +611,10 @@ impl Worker {
                         posted.push(d);
                         if posted.len() >= hooks::CLAIM_BATCH {
                             break;
+                        }
+                        if hooks_only {
+                            // Gather what finishes with it, then go and refill.
+                            deadline = deadline.min(tokio::time::Instant::now() + Duration::from_micros(200));
                         }
                     }
                     _ = tokio::time::sleep_until(deadline) => break,
