@@ -938,7 +938,7 @@ def bench_outbound():
     n = 20_000
     log(f"16. outbound webhooks: SMTP drain of {n:,} messages with a webhook on every 'sent' event (to nginx) vs without")
     url = f"http://127.0.0.1:{HTTP_PORT}/webhooks/outbound"
-    set_conf(webhook_allow_hosts="127.0.0.1", webhook_concurrency=os.environ.get("WHC", "16"))
+    set_conf(webhook_allow_hosts="127.0.0.1", webhook_concurrency=os.environ.get("WHC", "32"))
 
     def run(hooks):
         sql("DELETE FROM email.webhooks")

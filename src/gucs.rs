@@ -56,7 +56,7 @@ static WEBHOOK_ALLOW_HOSTS: GucSetting<Option<CString>> = GucSetting::<Option<CS
 /// Longest one webhook request may take, connecting to the answer's last byte, in ms.
 static WEBHOOK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Most deliveries of one webhook a worker has in flight at once.
-static WEBHOOK_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
+static WEBHOOK_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
 /// The password of GET /dashboard on the listener (HTTP Basic, user admin); empty: no dashboard.
 static DASHBOARD_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 

@@ -23,6 +23,7 @@ use crate::{deliver, gucs};
 const CLAIM: &str = include_str!("../../sql/worker/hooks_claim.sql");
 const RECORD: &str = include_str!("../../sql/worker/hooks_record.sql");
 const RELEASE: &str = include_str!("../../sql/worker/hooks_release.sql");
+const ASYNC_COMMIT: &str = include_str!("../../sql/worker/hooks_async_commit.sql");
 
 /// The most bytes of an answer's body kept in `last_error`.
 const EXCERPT: usize = 500;
@@ -99,21 +100,51 @@ impl Hooks {
         self.clients.as_ref().map(|(c, _, _)| c)
     }
 
-    /// Claims due deliveries (those of webhooks below their cap) and starts posting them.
-    pub fn start_due(&mut self, slot: i32) {
-        if !self.maybe_due {
+    /// One short transaction: records the attempts that finished and, when deliveries may be
+    /// due, claims them (those of webhooks below their cap) and starts posting them.
+    pub fn cycle(&mut self, slot: i32) {
+        let claim_now = self.maybe_due;
+        if !claim_now && self.done.is_empty() {
             return;
         }
         self.maybe_due = false;
+        let rows = self.rows(slot);
         let cap = gucs::webhook_concurrency();
-        let room = (cap * 64).min(CLAIM_BATCH * 4).saturating_sub(self.posting.len()).min(CLAIM_BATCH);
-        if room == 0 {
-            return;
-        }
+        let room = if claim_now { CLAIM_BATCH.saturating_sub(self.posting.len()) } else { 0 };
         let lease_ms = gucs::lease().max(gucs::webhook_timeout() * 2).as_secs_f64() * 1000.0;
-        let claimed = claim(&self.per_webhook, cap, lease_ms, room);
+        let (names, counts): (Vec<String>, Vec<i32>) =
+            self.per_webhook.iter().map(|(k, v)| (k.clone(), *v as i32)).unzip();
+        // Each statement in a subtransaction: an error (a user trigger on the deliveries, say)
+        // is logged and costs this turn only, never the worker (mail goes on).
+        let claimed = BackgroundWorker::transaction(move || {
+            let _ = Spi::run(ASYNC_COMMIT);
+            if let Some(rows) = rows {
+                let recorded = crate::subxact::run(|| {
+                    Spi::connect_mut(|client| {
+                        crate::api::run_prepared(client, RECORD, None, &[JsonB(rows).into()]);
+                    })
+                });
+                if let Err(e) = recorded {
+                    warning!("pg_email worker {slot}: recording webhook deliveries failed: {e}");
+                }
+            }
+            if room == 0 {
+                return Vec::new();
+            }
+            let args: Vec<DatumWithOid> =
+                vec![names.into(), counts.into(), (cap as i32).into(), lease_ms.into(), (room as i64).into()];
+            crate::subxact::run(|| {
+                Spi::connect_mut(|client| {
+                    crate::api::run_prepared(client, CLAIM, None, &args).map(|r| claimed(&r)).collect::<Vec<_>>()
+                })
+            })
+            .unwrap_or_else(|e| {
+                warning!("pg_email worker {slot}: claiming webhook deliveries failed: {e}");
+                Vec::new()
+            })
+        });
         // A full batch: more may be waiting.
-        self.maybe_due = claimed.len() == room;
+        self.maybe_due = room > 0 && claimed.len() == room;
         if claimed.is_empty() {
             return;
         }
@@ -143,28 +174,24 @@ impl Hooks {
         self.done.push(d);
     }
 
-    /// Writes the finished attempts in one transaction.
-    pub fn record(&mut self, slot: i32) {
+    /// The finished attempts as hooks_record.sql's argument (None: none finished).
+    fn rows(&mut self, slot: i32) -> Option<serde_json::Value> {
         if self.done.is_empty() {
-            return;
+            return None;
         }
         let (max_attempts, base, max) = (gucs::max_attempts(), gucs::retry_base(), gucs::retry_max());
         let rows: Vec<serde_json::Value> = self.done.drain(..).map(|d| row(&d, max_attempts, base, max)).collect();
-        let disabled: Vec<&str> = rows.iter().filter_map(|r| r["disable"].as_str()).collect();
-        for why in disabled {
+        for why in rows.iter().filter_map(|r| r["disable"].as_str()) {
             log!("pg_email worker {slot}: {why}");
         }
-        BackgroundWorker::transaction(move || {
-            Spi::connect_mut(|client| {
-                if let Err(e) = client.update(RECORD, None, &[JsonB(serde_json::Value::Array(rows)).into()]) {
-                    warning!("pg_email worker {slot}: recording webhook deliveries failed: {e}");
-                }
-            })
-        });
+        Some(serde_json::Value::Array(rows))
     }
 
-    /// Shutdown: what is still in flight goes back to the queue (its attempt not counted).
-    pub fn release(&mut self) {
+    /// Shutdown: records what finished; what is still in flight goes back to the queue (its
+    /// attempt not counted).
+    pub fn release(&mut self, slot: i32) {
+        self.maybe_due = false;
+        self.cycle(slot);
         let ids = std::mem::take(&mut self.in_flight);
         self.posting = FuturesUnordered::new();
         self.per_webhook.clear();
@@ -259,24 +286,7 @@ fn text(row: &SpiHeapTupleData, name: &str) -> Option<String> {
     row.get_by_name::<String, _>(name).ok().flatten()
 }
 
-/// Claims up to `limit` due deliveries, at most `cap` in flight per webhook counting `busy`.
-fn claim(busy: &HashMap<String, usize>, cap: usize, lease_ms: f64, limit: usize) -> Vec<Claimed> {
-    let (names, counts): (Vec<String>, Vec<i32>) = busy.iter().map(|(k, v)| (k.clone(), *v as i32)).unzip();
-    BackgroundWorker::transaction(move || {
-        Spi::connect_mut(|client| {
-            let args: Vec<DatumWithOid> =
-                vec![names.into(), counts.into(), (cap as i32).into(), lease_ms.into(), (limit as i64).into()];
-            match client.update(CLAIM, None, &args) {
-                Ok(rows) => rows.map(|r| claimed(&r)).collect(),
-                Err(e) => {
-                    warning!("pg_email worker: claiming webhook deliveries failed: {e}");
-                    Vec::new()
-                }
-            }
-        })
-    })
-}
-
+/// Reads one row of hooks_claim.sql.
 fn claimed(r: &SpiHeapTupleData) -> Claimed {
     let event = outbound::Event {
         event: text(r, "event").unwrap_or_default(),

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
@@ -446,17 +447,16 @@ impl Worker {
                     self.start(job);
                 }
             }
-            // Webhook deliveries: claimed apart from mail, each webhook capped, so that neither
-            // waits for the other.
-            self.hooks.start_due(self.slot);
+            // Webhook deliveries: answers recorded and due ones claimed apart from mail, each
+            // webhook capped, so that neither waits for the other.
+            self.hooks.cycle(self.slot);
 
             if self.sending.is_empty() && self.done.is_empty() && !self.hooks.is_idle() {
-                // Only webhook posts in flight: drive them for at most 2 ms (less once some have
-                // finished, so their slots are refilled at once), then look at the latch, so new
-                // mail never waits behind a slow endpoint.
+                // Only webhook posts in flight: drive them until some finish (at most 2 ms), then
+                // look at the latch, so new mail never waits behind a slow endpoint; the next
+                // turn records the answers and refills the slots.
                 self.set_state(WorkerState::Sending, "sending webhooks");
                 self.drive(Duration::from_millis(2));
-                self.hooks.record(self.slot);
                 if !self.wait(Duration::ZERO) {
                     break;
                 }
@@ -483,7 +483,6 @@ impl Worker {
             self.set_state(WorkerState::Sending, "sending");
             self.drive(Duration::from_millis(5));
             self.record();
-            self.hooks.record(self.slot);
             if !self.wait(Duration::ZERO) {
                 break;
             }
@@ -596,7 +595,7 @@ impl Worker {
         let max = gucs::batch_size();
         let old = block_signals();
         let (finished, posted) = self.rt.block_on(async {
-            let mut deadline = tokio::time::Instant::now() + slice;
+            let deadline = tokio::time::Instant::now() + slice;
             let (mut out, mut posted) = (Vec::new(), Vec::new());
             let hooks_only = sending.is_empty();
             while !(sending.is_empty() && (posting.is_empty() || !hooks_only)) {
@@ -613,8 +612,11 @@ impl Worker {
                             break;
                         }
                         if hooks_only {
-                            // Gather what finishes with it, then go and refill.
-                            deadline = deadline.min(tokio::time::Instant::now() + Duration::from_micros(200));
+                            // Take what finished with it, then go and refill the slots.
+                            while let Some(Some(d)) = posting.next().now_or_never() {
+                                posted.push(d);
+                            }
+                            break;
                         }
                     }
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -684,8 +686,7 @@ impl Worker {
             self.drive(Duration::from_millis(50));
         }
         self.record();
-        self.hooks.record(self.slot);
-        self.hooks.release();
+        self.hooks.release(self.slot);
         let left: Vec<i64> = self.in_flight.keys().copied().collect();
         self.sending = FuturesUnordered::new();
         self.in_flight.clear();

@@ -1,0 +1,7 @@
+-- Webhook claims and answers are committed without waiting for the WAL flush: a crash can lose
+-- only the last few (a lease, a `sent`), and the delivery is then sent again with the same
+-- webhook-id, which receivers deduplicate on. Mail's own transactions keep synchronous commit.
+-- Their statements are prepared once and run with one generic plan: they run many times a
+-- second, and a custom plan would be planned anew each time.
+SET LOCAL synchronous_commit = off;
+SET LOCAL plan_cache_mode = force_generic_plan
