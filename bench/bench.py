@@ -30,6 +30,7 @@ import psycopg2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from servers import AioSmtp  # noqa: E402
+from stats_bench import stats_month_ms  # noqa: E402
 
 PORT = int(os.environ.get("BENCH_PORT", "5496"))
 DIR = "/var/tmp/pg_email-bench"
@@ -984,6 +985,15 @@ def bench_outbound():
            round(m_off), round(m_on / m_off, 2), "ratio ≥ 0.9", m_on / m_off >= 0.9)
 
 
+def bench_stats():
+    log("17. email.stats: one month at 10 million receipts (the fixture of bench/stats_gen.sql)")
+    o, b, extra = stats_month_ms(DB)
+    figure = (f"email.stats one month ({extra['rows']:,} rows, {extra['sent_in_month']:,} messages sent) at "
+              f"{extra['receipts']:,} receipts, vs count(*) of the month's {extra['month_receipts']:,} receipts")
+    record(17, figure, round(o, 1), "ms", round(b, 1), round(o / b, 2), "≤ 200 ms", o <= 200, extra)
+    reset()
+
+
 def main():
     global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT
     os.makedirs(DIR, exist_ok=True)
@@ -1011,7 +1021,7 @@ def main():
         for n, fn in enumerate([bench_enqueue, bench_bulk, bench_smtp_drain, bench_http_drain, bench_latency,
                                 bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks,
                                 bench_inbound, bench_verp, bench_topic, bench_dkim,
-                                bench_dkim_ed25519, bench_outbound], 1):
+                                bench_dkim_ed25519, bench_outbound, bench_stats], 1):
             if not only or str(n) in only:
                 fn()
     finally:

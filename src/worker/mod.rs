@@ -43,6 +43,8 @@ pub fn init() {
 
 /// The extension version this library implements; the worker serves only a schema of it.
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How often a worker folds pending receipts into the email.stats rollup (at its tick).
+const STATS_FOLD_EVERY: Duration = Duration::from_secs(2);
 
 type Sending = Pin<Box<dyn Future<Output = Outcome>>>;
 
@@ -395,6 +397,7 @@ impl Worker {
         let mut backlog = false;
         let mut last_tick = Instant::now();
         let mut last_purge = Instant::now();
+        let mut last_fold = Instant::now();
         loop {
             let poll = gucs::poll_interval();
             let tick = last_tick.elapsed() >= poll;
@@ -407,6 +410,12 @@ impl Worker {
                     log!("pg_email worker {}: requeued {reaped} messages whose lease expired", self.slot);
                 }
                 self.reload_routes(false);
+                // The receipts' trigger only queues what they count for; the counts behind
+                // email.stats are brought up to date here, apart from any mail transaction.
+                if last_fold.elapsed() >= STATS_FOLD_EVERY {
+                    last_fold = Instant::now();
+                    queue::fold_stats(self.slot);
+                }
                 if let Some(keep) = gucs::retention() {
                     if last_purge.elapsed() >= Duration::from_secs(60) {
                         last_purge = Instant::now();

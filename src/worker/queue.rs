@@ -32,6 +32,8 @@ const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
 const DKIM_KEYS: &str = include_str!("../../sql/worker/dkim_keys.sql");
 const DKIM_FINGERPRINT: &str = include_str!("../../sql/worker/dkim_fingerprint.sql");
 const PURGE_FINISHED: &str = include_str!("../../sql/worker/purge_finished.sql");
+const STATS_FOLD: &str = include_str!("../../sql/worker/stats_fold.sql");
+const STATS_FOLD_SESSION: &str = include_str!("../../sql/worker/stats_fold_session.sql");
 
 /// A claimed row, as read back.
 #[derive(Debug, Clone)]
@@ -392,4 +394,32 @@ pub fn purge_older_than(secs: f64) -> i64 {
             spi(client.update(PURGE_FINISHED, None, &[secs.into()])).first().get::<i64>(1).ok().flatten().unwrap_or(0)
         })
     })
+}
+
+/// Folds pending receipts into the email.stats rollup, a bounded number of batches (each its
+/// own transaction); returns how many rows were folded. An error is logged, never raised: the
+/// statistics wait, mail does not.
+pub fn fold_stats(slot: i32) -> i64 {
+    let mut folded = 0;
+    for _ in 0..20 {
+        let n = BackgroundWorker::transaction(|| {
+            crate::subxact::run(|| {
+                spi(Spi::run(STATS_FOLD_SESSION));
+                spi(Spi::get_one::<i32>(STATS_FOLD)).unwrap_or(0)
+            })
+        });
+        match n {
+            Ok(n) => {
+                folded += n as i64;
+                if n < 1000 {
+                    break;
+                }
+            }
+            Err(e) => {
+                warning!("pg_email worker {slot}: folding the statistics failed: {e}");
+                break;
+            }
+        }
+    }
+    folded
 }
