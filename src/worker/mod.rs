@@ -607,6 +607,7 @@ impl Worker {
             let deadline = tokio::time::Instant::now() + slice;
             let (mut out, mut posted) = (Vec::new(), Vec::new());
             let hooks_only = sending.is_empty();
+            let posting_at_start = posting.len();
             while !(sending.is_empty() && (posting.is_empty() || !hooks_only)) {
                 tokio::select! {
                     Some(o) = sending.next(), if !sending.is_empty() => {
@@ -620,8 +621,9 @@ impl Worker {
                         if posted.len() >= hooks::CLAIM_BATCH {
                             break;
                         }
-                        if hooks_only {
-                            // Take what finished with it, then go and refill the slots.
+                        if hooks_only && posted.len() * 2 >= posting_at_start {
+                            // Half the posts are back: take what else finished, then go and
+                            // refill the slots (one transaction records and claims them all).
                             while let Some(Some(d)) = posting.next().now_or_never() {
                                 posted.push(d);
                             }

@@ -618,21 +618,38 @@ def test_a_500_is_retried_with_the_same_webhook_id(env, mail):
 
 
 def test_deliveries_wait_for_a_receiver_that_is_down(env, mail):
+    """The receiver is down for 30 s: every delivery keeps being retried (connection refused),
+    then all of them arrive, each once, when it is back."""
     port = free_port()
     name, secret = env.webhook(f"http://127.0.0.1:{port}/hook", ["sent"])
-    mid = sent_message(mail)
-    down = wait_for(lambda: ((r := one_delivery(mail, name, mid)) is not None and r.attempts >= 2
-                             and "refused" in (r.last_error or "").lower(), r),
-                    "two refused attempts while the receiver is down")
-    assert down.status == "queued" and down.response_status is None and down.sent_at is None, down
-    print(f"receiver down: {down.attempts} attempts, last_error {down.last_error!r}")
+    mids = [sent_message(mail) for _ in range(3)]
+    started = time.monotonic()
+
+    def all_refused_twice():
+        rows = [one_delivery(mail, name, m) for m in mids]
+        ok = all(r is not None and r.attempts >= 2 and "refused" in (r.last_error or "").lower() for r in rows)
+        return ok, rows
+
+    down = wait_for(all_refused_twice, "two refused attempts of every delivery while the receiver is down")
+    for r in down:
+        assert r.status == "queued" and r.response_status is None and r.sent_at is None, r
+    time.sleep(max(0.0, 30 - (time.monotonic() - started)))
+    still = [one_delivery(mail, name, m) for m in mids]
+    assert all(r.status == "queued" for r in still), still
+    print(f"receiver down 30 s: attempts {[r.attempts for r in still]}, last_error {still[0].last_error!r}")
     rec = env.receiver("ok", port=port, secret=secret)
-    row = wait_for(lambda: ((r := one_delivery(mail, name, mid)) is not None and r.status == "sent", r),
-                   "the delivery to arrive once the receiver is up")
-    assert row.attempts > down.attempts and row.response_status == 200, row
+
+    def all_sent():
+        rows = [one_delivery(mail, name, m) for m in mids]
+        return all(r is not None and r.status == "sent" for r in rows), rows
+
+    rows = wait_for(all_sent, "every delivery to arrive once the receiver is up")
+    for r, before in zip(rows, still):
+        assert r.attempts > before.attempts and r.response_status == 200, r
     got = rec.requests
-    assert [(r.webhook_id, r.answered) for r in got] == [(f"msg_{row.id}", 200)], got
-    assert got[0].error is None and got[0].payload["type"] == "email.sent" and got[0].data["message_id"] == mid
+    assert sorted((r.webhook_id, r.answered) for r in got) == sorted((f"msg_{r.id}", 200) for r in rows), got
+    for r in got:
+        assert r.error is None and r.payload["type"] == "email.sent" and r.data["message_id"] in mids, r
 
 
 # ---------------------------------------------------------------------------------------------
