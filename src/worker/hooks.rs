@@ -1,9 +1,9 @@
 //! Outbound webhook deliveries, run by each delivery worker beside its mail. The main thread
 //! claims due rows of `email.webhook_deliveries` in a short transaction (at most
 //! `pg_email.webhook_concurrency` in flight per webhook in this worker), turns each into a signed
-//! POST (see `crate::outbound`) that runs as a future on the worker's runtime, and records the
-//! answers in one transaction per batch. A webhook that hangs holds only its own slots: mail
-//! and the other webhooks go on. Postgres is only called from the main thread.
+//! POST (see `crate::outbound`) that runs as a future on the worker's runtime; the next turn's
+//! transaction records the answers and claims more. A webhook that hangs holds only its own
+//! slots: mail and the other webhooks go on. Postgres is only called from the main thread.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,6 +57,8 @@ type Posting = Pin<Box<dyn Future<Output = Done>>>;
 #[derive(Default)]
 pub struct Hooks {
     clients: Option<(Clients, String, Duration)>,
+    /// The settings clients could not be built with (warned about once).
+    unusable: Option<(String, Duration)>,
     pub(super) posting: FuturesUnordered<Posting>,
     per_webhook: HashMap<String, usize>,
     in_flight: Vec<i64>,
@@ -70,34 +72,34 @@ impl Hooks {
         self.posting.is_empty() && self.done.is_empty()
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.posting.len()
-    }
-
     /// The clients for the current settings, built again when the allow list or the timeout
-    /// changed. None (logged) when the allow list cannot be read or TLS cannot be set up.
-    fn clients(&mut self, slot: i32) -> Option<&Clients> {
+    /// changed. None when the allow list cannot be read or TLS cannot be set up: nothing is
+    /// claimed then, and the reason is logged once per setting.
+    fn clients(&mut self, slot: i32) -> Option<Clients> {
         let allow = gucs::webhook_allow_hosts().unwrap_or_default();
         let timeout = gucs::webhook_timeout();
         let stale = !matches!(&self.clients, Some((_, a, t)) if *a == allow && *t == timeout);
         if stale {
             self.clients = None;
-            let list = match AllowList::parse(&allow) {
-                Ok(l) => l,
-                Err(e) => {
-                    warning!("pg_email worker {slot}: pg_email.webhook_allow_hosts: {e}");
-                    return None;
+            if self.unusable.as_ref() == Some(&(allow.clone(), timeout)) {
+                return None;
+            }
+            let built = AllowList::parse(&allow)
+                .map_err(|e| format!("pg_email.webhook_allow_hosts: {e}"))
+                .and_then(|list| Clients::new(timeout, list).map_err(|e| format!("webhook clients: {e}")));
+            match built {
+                Ok(c) => {
+                    self.clients = Some((c, allow, timeout));
+                    self.unusable = None;
                 }
-            };
-            match Clients::new(timeout, list) {
-                Ok(c) => self.clients = Some((c, allow, timeout)),
                 Err(e) => {
-                    warning!("pg_email worker {slot}: webhook clients cannot be built: {e}");
+                    warning!("pg_email worker {slot}: {e}; no webhook is sent until this is fixed");
+                    self.unusable = Some((allow, timeout));
                     return None;
                 }
             }
         }
-        self.clients.as_ref().map(|(c, _, _)| c)
+        self.clients.as_ref().map(|(c, _, _)| c.clone())
     }
 
     /// One short transaction: records the attempts that finished and, when deliveries may be
@@ -110,7 +112,8 @@ impl Hooks {
         self.maybe_due = false;
         let rows = self.rows(slot);
         let cap = gucs::webhook_concurrency();
-        let room = if claim_now { CLAIM_BATCH.saturating_sub(self.posting.len()) } else { 0 };
+        let clients = if claim_now { self.clients(slot) } else { None };
+        let room = if clients.is_some() { CLAIM_BATCH.saturating_sub(self.posting.len()) } else { 0 };
         let lease_ms = gucs::lease().max(gucs::webhook_timeout() * 2).as_secs_f64() * 1000.0;
         let (names, counts): (Vec<String>, Vec<i32>) =
             self.per_webhook.iter().map(|(k, v)| (k.clone(), *v as i32)).unzip();
@@ -148,9 +151,7 @@ impl Hooks {
         if claimed.is_empty() {
             return;
         }
-        let version = env!("CARGO_PKG_VERSION");
-        let Some(clients) = self.clients(slot).cloned() else {
-            // Nothing can be sent: the leases expire and the rows are claimed again later.
+        let (Some(clients), version) = (clients, env!("CARGO_PKG_VERSION")) else {
             return;
         };
         for c in claimed {
