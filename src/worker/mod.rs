@@ -3,7 +3,9 @@
 //! current-thread tokio runtime. Its main thread alone talks to Postgres: it claims rows in a
 //! short transaction, builds the messages, hands them to the runtime as futures, drives the
 //! runtime in bounded slices (so signals are seen within milliseconds), and records finished
-//! sends in batches. Futures get plain values, never Postgres pointers.
+//! sends in batches. The same loop posts outbound webhook deliveries (`hooks`), claimed apart
+//! from mail, and folds the email.stats rollup at its tick. Futures get plain values, never
+//! Postgres pointers.
 
 pub mod hooks;
 pub mod queue;
@@ -443,6 +445,16 @@ impl Worker {
                 }
                 let want = free.min(gucs::batch_size());
                 let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot, backlog);
+                // Again after the claim: a backend bumps the generation during its transaction
+                // too, so the reload above may have read the state before its commit while the
+                // claim saw mail queued after it (a rotated tracking key, say). A change the
+                // claim's rows can follow was bumped at its commit, before they were queued.
+                let generation = shmem::config_generation();
+                if generation != self.config_generation {
+                    self.config_generation = generation;
+                    self.reload_routes(false);
+                    self.reload_keys();
+                }
                 maybe_due = jobs.len() == want;
                 backlog = maybe_due;
                 if jobs.iter().any(|j| j.template.is_some()) {
@@ -461,9 +473,9 @@ impl Worker {
             self.hooks.cycle(self.slot);
 
             if self.sending.is_empty() && self.done.is_empty() && !self.hooks.is_idle() {
-                // Only webhook posts in flight: drive them until some finish (at most 2 ms), then
-                // look at the latch, so new mail never waits behind a slow endpoint; the next
-                // turn records the answers and refills the slots.
+                // Only webhook posts in flight: drive them until half have finished (at most
+                // 2 ms), then look at the latch, so new mail never waits behind a slow endpoint;
+                // the next turn records the answers and refills the slots.
                 self.set_state(WorkerState::Sending, "sending webhooks");
                 self.drive(Duration::from_millis(2));
                 if !self.wait(Duration::ZERO) {
