@@ -211,24 +211,28 @@ def check_crash_copies(db, sink, tag, crashes):
     return copies, cut_short
 
 
-@pytest.fixture
-def empty_outbox(mail):
-    """`mail` with an empty outbox of its own: queued rows left by earlier tests are cancelled,
-    the fixture waits (up to SLOW) until no worker holds a row, then email.messages is truncated
-    (with its receipts, attachments and captures). A fault test so measures its own messages on
-    a table without the dead rows and index entries of the tests before it."""
+def empty(db):
+    """Empties db's outbox: queued rows are cancelled, then (waiting up to SLOW until no worker
+    holds a row) email.messages is truncated with its receipts, attachments and captures."""
     deadline = time.monotonic() + SLOW
     while True:
         try:
-            mail.all("UPDATE email.messages SET status = 'cancelled' WHERE status = 'queued'")
+            db.all("UPDATE email.messages SET status = 'cancelled' WHERE status = 'queued'")
         except psycopg2.errors.DeadlockDetected:  # a worker updates the same rows
             continue
-        left = mail.val("SELECT count(*) FROM email.messages WHERE status IN ('queued', 'sending')")
+        left = db.val("SELECT count(*) FROM email.messages WHERE status IN ('queued', 'sending')")
         if left == 0:
             break
         assert time.monotonic() < deadline, f"{left} messages still queued or sending after {SLOW:.0f} s"
         time.sleep(0.2)
-    mail.all("TRUNCATE email.messages CASCADE")
+    db.all("TRUNCATE email.messages CASCADE")
+
+
+@pytest.fixture
+def empty_outbox(mail):
+    """`mail` with an empty outbox of its own (see `empty`). A fault test so measures its own
+    messages on a table without the dead rows and index entries of the tests before it."""
+    empty(mail)
     return mail
 
 

@@ -65,7 +65,7 @@ import zlib
 import psycopg2
 import pytest
 
-from conftest import E2E_DIR, LISTEN_PORT, SLOW, fresh, send, status, wait_status, wait_until
+from conftest import E2E_DIR, LISTEN_PORT, SLOW, empty, fresh, send, status, wait_status, wait_until
 from servers import AioSmtp
 from test_consent import addr, cap, deliver, ingest_sg, listener, sendgrid, sg_event  # noqa: F401 (fixtures)
 from test_tracking import BROWSER, past_sent_at
@@ -472,23 +472,6 @@ def dash(cluster, listener):
 # The figures
 
 
-def empty_outbox(db):
-    """conftest's empty_outbox, for a module fixture: queued rows cancelled, the workers let go
-    of what they hold, then email.messages (with receipts) truncated."""
-    deadline = time.monotonic() + SLOW
-    while True:
-        try:
-            db.all("UPDATE email.messages SET status = 'cancelled' WHERE status = 'queued'")
-        except psycopg2.errors.DeadlockDetected:
-            continue
-        left = db.val("SELECT count(*) FROM email.messages WHERE status IN ('queued', 'sending')")
-        if left == 0:
-            break
-        assert time.monotonic() < deadline, f"{left} messages still queued or sending after {SLOW:.0f} s"
-        time.sleep(0.2)
-    db.all("TRUNCATE email.messages CASCADE")
-
-
 @pytest.fixture(scope="module")
 def smtp(cluster):
     """An SMTP server that refuses the module's bad and blocked recipients at RCPT, and the
@@ -527,7 +510,7 @@ def tracking_paths(sent):
 def figures(cluster, cap, sendgrid, listener, smtp):
     db = fresh()
     try:
-        empty_outbox(db)
+        empty(db)
         rcpt = {k: addr(f"dash-{k}") for k in ("m1", "m2", "m3", "m4")}
         smtp.set_reject({rcpt["m4"]: f"550 5.1.1 {SMTP_HOSTILE}"})
         m4 = send(db, SMTP_TRANSPORT, recipients=rcpt["m4"])
