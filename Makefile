@@ -26,6 +26,9 @@ deps: .deps-stamp
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@$(PYTHON) -c 'import standardwebhooks' 2>/dev/null || $(PYTHON) -m pip install -q --break-system-packages standardwebhooks==1.1.0
+	@# The providers' official Python SDKs, which tests/e2e/test_send_api.py points at the listener.
+	@$(PYTHON) -c 'import resend, postmarker' 2>/dev/null || \
+		$(PYTHON) -m pip install -q --break-system-packages resend==2.52.0 postmarker==1.0
 	@# Debian starts a default cluster and a system postfix; pg_email's tests run their own.
 	@if ! cargo pgrx --version 2>/dev/null | grep -q "$(PGRX_VERSION)"; then \
 		cargo install cargo-pgrx --version $(PGRX_VERSION) --locked; \
@@ -57,7 +60,12 @@ pgtest: deps
 	mkdir -p $(PGRX_TEST_DIR) && chown postgres:postgres $(PGRX_TEST_DIR)
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_TEST_DIR)/data
 
-e2e: install
+# The providers' official Node SDKs and Nodemailer, at the versions of the lock file.
+SDK_DIR := tests/e2e/sdk
+$(SDK_DIR)/node_modules/.package-lock.json: $(SDK_DIR)/package.json $(SDK_DIR)/package-lock.json
+	cd $(SDK_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
+e2e: install $(SDK_DIR)/node_modules/.package-lock.json
 	E2E_DIR=$(E2E_DIR) E2E_PORT=$(E2E_PORT) $(PYTHON) -m pytest -p no:cacheprovider -q tests/e2e
 
 demo: install

@@ -1548,6 +1548,102 @@ COMMENT ON TABLE email.webhook_deliveries IS 'One row per event to deliver to a 
 COMMENT ON FUNCTION email.add_webhook IS 'Registers or replaces an outbound webhook (enabled again) and returns its Standard Webhooks signing secret (generated when none is given).';
 COMMENT ON FUNCTION email.remove_webhook IS 'Removes a webhook and its deliveries; true if it existed.';
 
+-- API keys of the HTTP send API and SMTP submission. Each maps to a role, as which its requests
+-- run; only the SHA-256 of a key is kept, in the owner-only email.api_key_hashes.
+CREATE TABLE email.api_keys (
+    name         text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.@-]{1,63}$'),
+    role         name NOT NULL,
+    prefix       text NOT NULL,
+    rate         text CHECK (rate ~ '^[1-9][0-9]{0,8}/(s|sec|min|h|hour|day)$'),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz
+);
+CREATE TABLE email.api_key_hashes (
+    name text PRIMARY KEY REFERENCES email.api_keys (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    hash bytea NOT NULL CHECK (length(hash) = 32)
+);
+
+-- API keys (DESIGN.md "Apps that do not speak SQL"). The key is made here, returned once and
+-- kept only as its SHA-256; the listener reads the hashes again when they change.
+CREATE FUNCTION email.create_api_key(name text, role name, rate text DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    key text;
+    role_oid oid;
+BEGIN
+    IF create_api_key.name IS NULL THEN
+        RAISE EXCEPTION 'name is required (it is NULL or missing)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF create_api_key.name !~ '^[A-Za-z0-9_.@-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid name: % (1 to 63 letters, digits, _ . @ or -; it is the user name of SMTP submission)',
+            quote_literal(left(create_api_key.name, 120)) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF create_api_key.role IS NULL THEN
+        RAISE EXCEPTION 'role is required (it is NULL or missing)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT r.oid INTO role_oid FROM pg_roles r WHERE r.rolname = create_api_key.role;
+    IF role_oid IS NULL THEN
+        RAISE EXCEPTION 'role % does not exist', quote_ident(create_api_key.role) USING ERRCODE = 'undefined_object';
+    END IF;
+    IF create_api_key.rate IS NOT NULL AND create_api_key.rate !~ '^[1-9][0-9]{0,8}/(s|sec|min|h|hour|day)$' THEN
+        RAISE EXCEPTION 'invalid rate: % (expected requests/unit, for example ''10/s'', ''600/min'', ''1000/h'' or ''50000/day'')',
+            quote_literal(left(create_api_key.rate, 120)) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM email.api_keys k WHERE k.name = create_api_key.name) THEN
+        RAISE EXCEPTION 'API key % already exists', quote_literal(create_api_key.name)
+            USING ERRCODE = 'duplicate_object', HINT = 'Revoke it with email.revoke_api_key(name) first, or choose another name.';
+    END IF;
+    -- 32 random bytes (two version 4 UUIDs: 244 random bits), URL-safe base64.
+    key := 'pge_' || rtrim(translate(encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()), 'base64'),
+                                     '+/', '-_'), '=');
+    INSERT INTO email.api_keys (name, role, prefix, rate)
+    VALUES (create_api_key.name, create_api_key.role, left(key, 12), create_api_key.rate);
+    INSERT INTO email.api_key_hashes (name, hash) VALUES (create_api_key.name, sha256(convert_to(key, 'UTF8')));
+    IF NOT (has_schema_privilege(role_oid, 'email', 'USAGE')
+            AND has_function_privilege(role_oid, 'email.send(text, text, text, text, text, text, text, text, jsonb, jsonb, text[], jsonb, timestamptz, text, text, integer, boolean, boolean, text, boolean)', 'EXECUTE')) THEN
+        RAISE WARNING 'role % cannot send yet: its requests will be refused until it can', quote_ident(create_api_key.role)
+            USING HINT = format('GRANT USAGE ON SCHEMA email TO %1$s; GRANT EXECUTE ON FUNCTION email.send, email.send_template TO %1$s;',
+                                quote_ident(create_api_key.role));
+    END IF;
+    RETURN key;
+END $$;
+
+-- Revokes a key at once (the listener refuses it from its next request); true if it existed.
+CREATE FUNCTION email.revoke_api_key(name text) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+BEGIN ATOMIC
+    WITH revoked AS (DELETE FROM email.api_keys k WHERE k.name = revoke_api_key.name RETURNING 1)
+    SELECT count(*) > 0 FROM revoked;
+END;
+
+-- The listener's batched note of when keys were last used (one statement per few seconds, not
+-- a write per request).
+CREATE FUNCTION email._api_keys_used(names text[], used timestamptz[]) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
+BEGIN ATOMIC
+    UPDATE email.api_keys k SET last_used_at = u.at
+    FROM unnest(_api_keys_used.names, _api_keys_used.used) AS u (name, at)
+    WHERE k.name = u.name AND (k.last_used_at IS NULL OR k.last_used_at < u.at);
+END;
+
+-- The listener's copy of the keys is read again when one is created, revoked or changed.
+CREATE TRIGGER api_keys_changed AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF name, role, rate ON email.api_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+CREATE TRIGGER api_key_hashes_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON email.api_key_hashes
+    FOR EACH STATEMENT EXECUTE FUNCTION email._config_trigger();
+REVOKE ALL ON email.api_keys, email.api_key_hashes FROM PUBLIC;
+REVOKE ALL ON FUNCTION email.create_api_key(text, name, text), email.revoke_api_key(text),
+    email._api_keys_used(text[], timestamptz[]) FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('email.api_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('email.api_key_hashes', '');
+COMMENT ON TABLE email.api_keys IS 'Keys of the HTTP send API and SMTP submission: each request runs as role (grants and row-level security apply), at most rate requests (NULL: no cap). Create one with email.create_api_key, revoke it with email.revoke_api_key.';
+COMMENT ON COLUMN email.api_keys.prefix IS 'The first 12 characters of the key, to tell keys apart; the key itself is not kept.';
+COMMENT ON COLUMN email.api_keys.last_used_at IS 'When a request last authenticated with the key (written every few seconds by the listener).';
+COMMENT ON TABLE email.api_key_hashes IS 'The SHA-256 of each API key; readable by the extension owner only.';
+COMMENT ON FUNCTION email.create_api_key IS 'Creates an API key for role (rate: ''10/s'', ''600/min'', ''1000/h'', ''50000/day''; NULL: no cap) and returns it; it is shown only this once.';
+COMMENT ON FUNCTION email.revoke_api_key IS 'Deletes an API key; the listener refuses it from its next request. True if it existed.';
+COMMENT ON FUNCTION email._api_keys_used IS 'Internal: the listener notes when keys were last used.';
+
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();
 

@@ -330,3 +330,18 @@ CREATE TABLE email.webhook_deliveries (
 -- The due deliveries of each webhook, in order (the claim takes a few per webhook).
 CREATE INDEX webhook_deliveries_due ON email.webhook_deliveries (webhook, next_attempt_at, id) WHERE status = 'queued';
 CREATE INDEX webhook_deliveries_receipt ON email.webhook_deliveries (receipt_id);
+
+-- API keys of the HTTP send API and SMTP submission. Each maps to a role, as which its requests
+-- run; only the SHA-256 of a key is kept, in the owner-only email.api_key_hashes.
+CREATE TABLE email.api_keys (
+    name         text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_.@-]{1,63}$'),
+    role         name NOT NULL,
+    prefix       text NOT NULL,
+    rate         text CHECK (rate ~ '^[1-9][0-9]{0,8}/(s|sec|min|h|hour|day)$'),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz
+);
+CREATE TABLE email.api_key_hashes (
+    name text PRIMARY KEY REFERENCES email.api_keys (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    hash bytea NOT NULL CHECK (length(hash) = 32)
+);

@@ -30,6 +30,7 @@ pub mod message;
 pub mod outbound;
 pub mod render;
 pub mod reply;
+pub mod sendapi;
 pub mod shmem;
 pub mod subxact;
 pub mod tracking;

@@ -9,6 +9,11 @@ use pgrx::prelude::*;
 /// Runs `work` in a subtransaction. Ok: the subtransaction is committed into the enclosing
 /// transaction. Err: it was rolled back, and the error's message is returned.
 pub fn run<R>(work: impl FnOnce() -> R) -> Result<R, String> {
+    run_coded(work).map_err(|(_, message)| message)
+}
+
+/// As `run`, with the error's SQLSTATE (five characters) beside its message.
+pub fn run_coded<R>(work: impl FnOnce() -> R) -> Result<R, (String, String)> {
     // An ERROR leaves nothing of `work` behind to observe: everything it wrote to the database
     // is rolled back, and the caller gets only the message.
     let work = std::panic::AssertUnwindSafe(work);
@@ -33,17 +38,23 @@ pub fn run<R>(work: impl FnOnce() -> R) -> Result<R, String> {
         .catch_others(|cause| {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             restore();
-            Err(message_of(&cause))
+            Err(code_and_message(&cause))
         })
         .execute()
     }
 }
 
-fn message_of(cause: &pg_sys::panic::CaughtError) -> String {
+fn code_and_message(cause: &pg_sys::panic::CaughtError) -> (String, String) {
     use pg_sys::panic::CaughtError;
     match cause {
         CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) | CaughtError::RustPanic { ereport: e, .. } => {
-            e.message().to_string()
+            (sqlstate(e.sql_error_code() as i32), e.message().to_string())
         }
     }
+}
+
+/// The five characters of a packed SQLSTATE.
+fn sqlstate(code: i32) -> String {
+    // Postgres packs each of the five characters into six bits, the first in the lowest.
+    (0..5).map(|i| char::from(b'0' + ((code >> (6 * i)) & 0x3f) as u8)).collect()
 }

@@ -51,6 +51,8 @@ pub enum Job {
     Inbound(Box<super::smtp::Envelope>),
     /// The dashboard page, read and rendered.
     Dashboard,
+    /// Messages of the HTTP send API, stored as the key's role.
+    Send(Box<super::api_http::SendJob>),
 }
 
 /// The main thread's answer.
@@ -66,6 +68,10 @@ pub enum Answer {
     Refused(String),
     /// The dashboard page.
     Page(Rc<String>),
+    /// The messages of a send request were stored (or, for a dry run, would have been): their ids.
+    Sent(Vec<i64>),
+    /// They were not: none of them is stored.
+    NotSent(super::api_http::NotSent),
 }
 
 pub struct Work {
@@ -81,6 +87,8 @@ pub struct Config {
     pub keys: Keys,
     /// pg_email.dashboard_password; None: GET /dashboard is 404.
     pub dashboard_password: Option<String>,
+    /// The keys of the HTTP send API.
+    pub api_keys: super::api_http::ApiKeys,
 }
 
 /// Shared between the handlers and the main thread (one thread: `Rc`/`RefCell`).
@@ -105,6 +113,8 @@ pub struct State {
     pub logs: RefCell<Vec<String>>,
     /// The dashboard page last rendered, and when.
     dashboard: RefCell<Option<(Instant, Rc<String>)>>,
+    /// The send API's limiters and its note of keys used.
+    pub send: super::api_http::SendState,
 }
 
 impl State {
@@ -128,6 +138,7 @@ impl State {
             open_connections: Cell::new(0),
             logs: RefCell::new(Vec::new()),
             dashboard: RefCell::new(None),
+            send: super::api_http::SendState::default(),
         })
     }
 
@@ -139,6 +150,7 @@ impl State {
         for w in q.iter() {
             let r = match &w.job {
                 Job::Record(v) => v.len(),
+                Job::Send(s) => s.calls.len(),
                 _ => 1,
             };
             if n > 0 && rows + r > max_rows {
@@ -181,7 +193,7 @@ impl State {
 
 type Body = Full<Bytes>;
 
-fn now_secs() -> f64 {
+pub(super) fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
@@ -207,7 +219,7 @@ fn not_found() -> Response<Body> {
 
 /// The client's address: the peer, or, when the peer is on loopback (a reverse proxy on the
 /// same host), the first address of `X-Forwarded-For` / `X-Real-IP`.
-fn client_ip(peer: SocketAddr, headers: &hyper::HeaderMap) -> IpAddr {
+pub(super) fn client_ip(peer: SocketAddr, headers: &hyper::HeaderMap) -> IpAddr {
     if peer.ip().is_loopback() {
         let forwarded = headers
             .get("x-forwarded-for")
@@ -222,7 +234,11 @@ fn client_ip(peer: SocketAddr, headers: &hyper::HeaderMap) -> IpAddr {
 }
 
 /// Reads the whole body, refusing it over `limit` (413) or when it comes too slowly (408).
-async fn read_body(body: Incoming, headers: &hyper::HeaderMap, limit: usize) -> Result<Bytes, Response<Body>> {
+pub(super) async fn read_body(
+    body: Incoming,
+    headers: &hyper::HeaderMap,
+    limit: usize,
+) -> Result<Bytes, Response<Body>> {
     let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(text(StatusCode::PAYLOAD_TOO_LARGE, "request body over 1 MB"));
@@ -249,6 +265,11 @@ pub async fn handle(state: Rc<State>, peer: SocketAddr, req: Request<Incoming>) 
 async fn route(state: &Rc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if method == Method::POST {
+        if let Some(r) = crate::sendapi::Route::from_path(true, &path) {
+            return super::api_http::handle(state, peer, r, req).await;
+        }
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
     match (&method, segments.as_slice()) {
         (&Method::GET | &Method::HEAD, ["health"]) => {

@@ -5,8 +5,10 @@
 //! short transaction for everything the handlers queued; only then are the waiting webhook and
 //! unsubscribe requests answered. Postgres is only ever called from the main thread.
 
+pub mod api_http;
 pub mod dashboard;
 pub mod http;
+pub mod send;
 pub mod smtp;
 
 use std::future::Future;
@@ -34,6 +36,7 @@ const RECORD: &str = include_str!("../../sql/listener/record.sql");
 const LOOKUP: &str = include_str!("../../sql/listener/lookup.sql");
 const RECORD_INBOUND: &str = include_str!("../../sql/listener/record_inbound.sql");
 const EXTENSION_VERSION: &str = include_str!("../../sql/worker/extension_version.sql");
+const API_KEYS: &str = include_str!("../../sql/listener/api_keys.sql");
 
 /// The extension version this library implements; the listener serves only a schema of it.
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -47,6 +50,8 @@ const GATHER: Duration = Duration::from_millis(2);
 const MAX_BATCH_ROWS: usize = 2000;
 /// How often the configuration is read again without a change signal.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
+/// How often the keys used since are noted in email.api_keys.last_used_at.
+const NOTE_KEYS_EVERY: Duration = Duration::from_secs(2);
 
 /// Called from `_PG_init`: registers the listener when `pg_email.listen_address` (HTTP) or
 /// `pg_email.inbound_address` (SMTP/LMTP) is set.
@@ -102,7 +107,7 @@ pub extern "C-unwind" fn pg_email_listener_main(_arg: pg_sys::Datum) {
         Ok(s) => Rc::new(s),
         Err(e) => pgrx::error!("pg_email listener: cannot start its HTTP client: {e}"),
     };
-    let mut l = Listener { rt, state, generation: u64::MAX, loaded_at: None };
+    let mut l = Listener { rt, state, generation: u64::MAX, loaded_at: None, keys_noted_at: Instant::now() };
     l.run();
     if let Some(s) = slot() {
         s.pid.store(0, Ordering::Relaxed);
@@ -121,6 +126,8 @@ struct Listener {
     /// The configuration generation the settings were read at.
     generation: u64,
     loaded_at: Option<Instant>,
+    /// When the keys used were last noted.
+    keys_noted_at: Instant,
 }
 
 impl Listener {
@@ -235,6 +242,7 @@ impl Listener {
                 self.reload();
             }
             self.store();
+            self.note_keys_used(false);
             self.flush_logs();
             if let Some(s) = slot() {
                 s.in_flight.store(self.state.open_connections.get() as u32, Ordering::Relaxed);
@@ -244,6 +252,7 @@ impl Listener {
         set_state(WorkerState::Stopping, "stopping");
         // Store what was already queued, answer the rest, and let answers go out for a moment.
         self.store();
+        self.note_keys_used(true);
         drop(http);
         drop(smtp);
         let deadline = Instant::now() + Duration::from_millis(500);
@@ -312,6 +321,15 @@ impl Listener {
                 return;
             }
             let keys = self.state.config.borrow().keys.clone();
+            // A key revoked since its request was checked is refused now (the configuration was
+            // read again before this, when it changed).
+            let revoked: Vec<bool> = work
+                .iter()
+                .map(|job| match job {
+                    Job::Send(s) => !self.state.config.borrow().api_keys.still_valid(&s.key, &s.hash),
+                    _ => false,
+                })
+                .collect();
             let answers = BackgroundWorker::transaction(|| {
                 let mut answers = Vec::with_capacity(work.len());
                 // One dashboard read per transaction, however many asked.
@@ -330,7 +348,7 @@ impl Listener {
                 if let Err(e) = &together {
                     warning!("pg_email listener: storing a batch of events failed: {e}; storing one request at a time");
                 }
-                for job in &work {
+                for (job, revoked) in work.iter().zip(&revoked) {
                     let answer = match job {
                         Job::Record(r) => match &together {
                             Ok(_) => Answer::Stored(r.len() as i64),
@@ -369,6 +387,20 @@ impl Listener {
                                 }
                             },
                         },
+                        Job::Send(job) => {
+                            if *revoked {
+                                Answer::NotSent(api_http::NotSent {
+                                    index: 0,
+                                    sqlstate: api_http::KEY_REVOKED.into(),
+                                    message: "the API key was revoked".into(),
+                                })
+                            } else {
+                                match send::store(&job.role, &job.calls, job.dry_run) {
+                                    Ok(ids) => Answer::Sent(ids),
+                                    Err(n) => Answer::NotSent(n),
+                                }
+                            }
+                        }
                         Job::Inbound(envelope) => match crate::subxact::run(|| inbound(envelope, &keys)) {
                             Ok(Ok(id)) => Answer::Stored(id),
                             Ok(Err(why)) => Answer::Refused(why),
@@ -412,7 +444,19 @@ impl Listener {
                 let mut webhooks = std::collections::HashMap::new();
                 let mut keys = Vec::new();
                 let mut certs = Vec::new();
+                let mut api_keys = Vec::new();
                 Spi::connect(|client| {
+                    if let Ok(rows) = client.select(API_KEYS, None, &[]) {
+                        for row in rows {
+                            let text = |c: &str| row.get_by_name::<String, _>(c).ok().flatten();
+                            let hash = row.get_by_name::<Vec<u8>, _>("hash").ok().flatten();
+                            if let (Some(name), Some(role), Some(prefix), Some(hash)) =
+                                (text("name"), text("role"), text("prefix"), hash)
+                            {
+                                api_keys.push((name, role, prefix, text("rate"), hash));
+                            }
+                        }
+                    }
                     if let Ok(rows) = client.select(TRANSPORTS, None, &[]) {
                         for row in rows {
                             let name = row.get_by_name::<String, _>("name").ok().flatten().unwrap_or_default();
@@ -439,10 +483,10 @@ impl Listener {
                         }
                     }
                 });
-                (webhooks, keys, certs)
+                (webhooks, keys, certs, api_keys)
             })
         });
-        let (dsns, keys, certs) = match loaded {
+        let (dsns, keys, certs, api_keys) = match loaded {
             Ok(l) => l,
             Err(e) => {
                 warning!("pg_email listener: reading its settings failed: {e}");
@@ -468,7 +512,19 @@ impl Listener {
             webhooks,
             keys: tracking::Keys::new(keys),
             dashboard_password: gucs::dashboard_password(),
+            api_keys: api_http::ApiKeys::new(
+                api_keys
+                    .into_iter()
+                    .map(|(name, role, prefix, rate, hash)| {
+                        // The table's CHECK allows only rates that parse.
+                        let rate = rate.and_then(|r| crate::sendapi::keys::parse_rate(&r).ok());
+                        (prefix, api_http::ApiKey { name, role, hash, rate })
+                    })
+                    .collect(),
+            ),
         });
+        let names = self.state.config.borrow().api_keys.names();
+        self.state.send.limiter.borrow_mut().retain(&names);
         *self.state.smtp.borrow_mut() = Rc::new(smtp::Config {
             hostname: gucs::bounce_domain().unwrap_or_else(|| "localhost".into()),
             max_message_size: gucs::max_message_size(),
@@ -484,6 +540,22 @@ impl Listener {
         self.state.healthy.set(true);
         self.generation = generation;
         self.loaded_at = Some(Instant::now());
+    }
+
+    /// Notes when keys were last used, every NOTE_KEYS_EVERY (`now`: whatever is pending).
+    fn note_keys_used(&mut self, now: bool) {
+        if !now && self.keys_noted_at.elapsed() < NOTE_KEYS_EVERY {
+            return;
+        }
+        self.keys_noted_at = Instant::now();
+        let used: Vec<(String, f64)> = self.state.send.used.borrow_mut().drain().collect();
+        if used.is_empty() {
+            return;
+        }
+        let noted = BackgroundWorker::transaction(|| crate::subxact::run(|| send::keys_used(&used)));
+        if let Err(e) = noted {
+            warning!("pg_email listener: noting when API keys were used failed: {e}");
+        }
     }
 
     fn flush_logs(&self) {
