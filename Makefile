@@ -14,7 +14,8 @@ export PROPTEST_RNG_SEED
 
 DEB_PACKAGES := postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev pkg-config sudo \
 	postfix python3-aiosmtpd python3-dkim python3-psycopg python3-psycopg2 python3-pytest python3-botocore swaks \
-	ca-certificates openssl libssl-dev python3-pip python3-cryptography python3-nacl curl chromium
+	ca-certificates openssl libssl-dev python3-pip python3-cryptography python3-nacl curl chromium \
+	libnet-ssleay-perl libio-socket-ssl-perl
 
 .PHONY: deps build install test lint pgtest e2e demo bench clean-e2e
 

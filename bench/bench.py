@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -43,6 +44,8 @@ LISTEN_PORT = int(os.environ.get("BENCH_LISTEN_PORT", str(PORT + 1)))
 LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
 # The listener's inbound SMTP/LMTP service (pg_email.inbound_address); moves like LISTEN_PORT.
 INBOUND_PORT = int(os.environ.get("BENCH_INBOUND_PORT", str(PORT + 2)))
+# The listener's SMTP submission service (pg_email.submission_address); moves like LISTEN_PORT.
+SUBMISSION_PORT = int(os.environ.get("BENCH_SUBMISSION_PORT", str(PORT + 3)))
 # pg_email.bounce_domain while bench 11 and the VERP-on half of bench 12 run (empty otherwise, so
 # the other rows send plain envelopes).
 BOUNCE_DOMAIN = "bounces.bench"
@@ -113,6 +116,7 @@ def start_cluster():
     subprocess.run(["bash", os.path.join(ROOT, "scripts/cluster.sh"), "start", DIR, str(PORT), "bench",
                     f"pg_email.listen_address = '127.0.0.1:{LISTEN_PORT}'",
                     f"pg_email.inbound_address = '127.0.0.1:{INBOUND_PORT}'",
+                    f"pg_email.submission_address = '127.0.0.1:{SUBMISSION_PORT}'",
                     "pg_email.workers = 2", "pg_email.max_in_flight = 256", "pg_email.batch_size = 500",
                     "pg_email.paused = on", "pg_email.default_sender = 'Bench <bench@example.org>'",
                     "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'",
@@ -994,13 +998,143 @@ def bench_stats():
     reset()
 
 
+def api_key(name):
+    """A key of a role that may send (made once per run), and its role."""
+    if not val("SELECT count(*) FROM pg_roles WHERE rolname = 'bench_api'"):
+        sql("CREATE ROLE bench_api")
+        sql("GRANT USAGE ON SCHEMA email TO bench_api")
+        sql("GRANT EXECUTE ON FUNCTION email.send, email.send_template TO bench_api")
+    sql("DELETE FROM email.api_keys WHERE name = %s", name)
+    key = val("SELECT email.create_api_key(%s, 'bench_api')", name)
+    # The listener takes a new key at its next look at the configuration.
+    deadline = time.monotonic() + 60
+    while True:
+        req = urllib.request.Request(f"{LISTEN_URL}/emails", data=b"{}", method="POST",
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=5)
+        except urllib.error.HTTPError as e:
+            if e.code == 422:
+                return key
+        except OSError:
+            pass  # the listener is not up yet
+        if time.monotonic() > deadline:
+            raise RuntimeError("the listener does not take the new API key")
+        time.sleep(0.2)
+
+
+def bench_send_api():
+    log("18. HTTP send API (Resend's POST /emails, keep-alive, 32 connections) vs email.send over SQL (32 clients)")
+    key = api_key("bench-http")
+    sql("UPDATE email.transports SET is_default = (name = 'cap')")
+    body = json.dumps({"from": "Bench <bench@example.org>", "to": "user@example.org", "subject": "bench",
+                       "text": BODY_1K})
+    lua = os.path.join(DIR, "send.lua")
+    with open(lua, "w") as f:
+        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                f'wrk.headers["Content-Type"] = "application/json"\n'
+                f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+    script = ("SELECT email.send(recipients => 'user@example.org', subject => 'bench', body => "
+              f"'{BODY_1K}', sender => 'Bench <bench@example.org>');\n")
+    ours, base, p99s = [], [], []
+    for _ in range(REPS):
+        reset()
+        before = val("SELECT count(*) FROM email.messages")
+        out = subprocess.run(["wrk", "-t", "2", "-c", "32", "-d", "10s", "--latency", "-s", lua, f"{LISTEN_URL}/emails"],
+                             check=True, capture_output=True, text=True).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        assert not non2xx, f"the send API refused requests: {out}"
+        stored = val("SELECT count(*) FROM email.messages") - before
+        # wrk stops counting at the deadline: up to one request per connection was stored unanswered.
+        assert 0 <= stored - total <= 32, f"{total} requests answered, {stored} messages stored"
+        m = re.search(r"\n\s*99%\s+([\d.]+)(us|ms|s)\b", out)
+        p99s.append(float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)])
+        ours.append(rps)
+        reset()
+        base.append(pgbench(script, seconds=10, clients=32))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(18, "HTTP send API: Resend POST /emails, 1 KB, keep-alive, 32 connections (wrk), vs email.send over SQL "
+           "(pgbench, 32 clients)", round(o), "requests/s", round(b), round(o / b, 2), "ratio ≥ 0.5", o / b >= 0.5,
+           extra={"p99_ms": round(statistics.median(p99s), 2)})
+    sql("UPDATE email.transports SET is_default = false")
+    reset()
+
+
+async def submission_client(port, user, key, n, conns, sender="bench@example.org", to="user@example.org"):
+    """n messages of 2 KB over `conns` SMTP connections (AUTH PLAIN when user is set), each
+    transaction pipelined up to DATA; returns how many got 250."""
+    auth = base64.b64encode(f"\0{user}\0{key}".encode()).decode() if user else None
+    msg = (f"From: {sender}\r\nTo: {to}\r\nSubject: bench\r\n\r\n" + BODY_2K + "\r\n.\r\n").encode()
+    ok = 0
+
+    async def reply(r):
+        while True:
+            line = await r.readline()
+            if not line:
+                raise RuntimeError("connection closed")
+            if line[3:4] != b"-":
+                return line
+
+    async def one(count):
+        nonlocal ok
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        await reply(r)
+        w.write(b"EHLO bench\r\n")
+        await reply(r)
+        if auth:
+            w.write(f"AUTH PLAIN {auth}\r\n".encode())
+            line = await reply(r)
+            assert line.startswith(b"235"), line
+        for _ in range(count):
+            w.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{to}>\r\nDATA\r\n".encode())
+            for _ in range(3):
+                await reply(r)
+            w.write(msg)
+            line = await reply(r)
+            ok += line.startswith(b"250")
+        w.write(b"QUIT\r\n")
+        await reply(r)
+        w.close()
+
+    per = [n // conns + (1 if i < n % conns else 0) for i in range(conns)]
+    await asyncio.gather(*(one(c) for c in per))
+    return ok
+
+
+def bench_submission():
+    n, conns = 20_000, 32
+    log(f"19. SMTP submission: {n:,} × 2 KB over {conns} connections (AUTH PLAIN, pipelined) vs smtp-source into smtp-sink")
+    key = api_key("bench-smtp")
+    sql("UPDATE email.transports SET is_default = (name = 'cap')")
+    ours, base, client_only = [], [], []
+    for _ in range(REPS):
+        reset()
+        t = time.monotonic()
+        ok = asyncio.run(submission_client(SUBMISSION_PORT, "bench-smtp", key, n, conns))
+        ours.append(n / (time.monotonic() - t))
+        assert ok == n and val("SELECT count(*) FROM email.messages") == n, f"{ok} answered 250"
+        base.append(smtp_source(n, conns))
+        t = time.monotonic()
+        asyncio.run(submission_client(SINK_PORT, None, None, n, conns))
+        client_only.append(n / (time.monotonic() - t))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(19, f"SMTP submission, {n:,} × 2 KB, {conns} connections (Python asyncio client), vs smtp-source into "
+           "smtp-sink", round(o), "msg/s", round(b), round(o / b, 2), "ratio ≥ 0.3", o / b >= 0.3,
+           extra={"same_client_into_smtp_sink": round(statistics.median(client_only))})
+    sql("UPDATE email.transports SET is_default = false")
+    reset()
+
+
 def main():
-    global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT
+    global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT, SUBMISSION_PORT
     os.makedirs(DIR, exist_ok=True)
     HTTP_PORT = free_port(HTTP_PORT)
     LISTEN_PORT = free_port(LISTEN_PORT)
     INBOUND_PORT = free_port(INBOUND_PORT)
     LMTP_SINK_PORT = free_port(LMTP_SINK_PORT)
+    SUBMISSION_PORT = free_port(SUBMISSION_PORT)
     LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
     start_cluster()
     nginx = None
@@ -1021,7 +1155,8 @@ def main():
         for n, fn in enumerate([bench_enqueue, bench_bulk, bench_smtp_drain, bench_http_drain, bench_latency,
                                 bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks,
                                 bench_inbound, bench_verp, bench_topic, bench_dkim,
-                                bench_dkim_ed25519, bench_outbound, bench_stats], 1):
+                                bench_dkim_ed25519, bench_outbound, bench_stats, bench_send_api,
+                                bench_submission], 1):
             if not only or str(n) in only:
                 fn()
     finally:

@@ -1356,6 +1356,7 @@ COMMENT ON FUNCTION email._record_inbound(jsonb, bytea) IS 'Stores a parsed rece
 COMMENT ON FUNCTION email._address(text) IS 'The bare, lower-cased address of a stored mailbox.';
 COMMENT ON FUNCTION email.worker_status IS 'One row per worker serving this database: the delivery workers (kind delivery: pid, state, messages in flight, totals since start, last activity) and the listener (kind listener: events stored as sent, requests answered 503 as deferred, refused requests as failed, open connections as in_flight); in a database no worker serves, one row says so.';
 COMMENT ON COLUMN email.messages.topic IS 'The topic the message is about (email.topics): recipients not subscribed to it were dropped at enqueue, and an unsubscribe from it leaves the topic only.';
+COMMENT ON COLUMN email.messages.raw IS 'A message received by SMTP submission: its MIME as it is delivered (Bcc fields taken out, Message-ID and Date added when missing; DKIM signed on the way out). NULL for messages built from their fields.';
 COMMENT ON TABLE email.dkim_keys IS 'DKIM keys of sending domains (public half); add them with email.add_dkim_key. Mail from a domain or its subdomains is signed with its newest key of each algorithm.';
 COMMENT ON COLUMN email.dkim_keys.dns_name IS 'Where to publish the key: <selector>._domainkey.<domain>.';
 COMMENT ON COLUMN email.dkim_keys.dns_value IS 'The TXT record value to publish at dns_name.';

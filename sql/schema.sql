@@ -72,7 +72,8 @@ CREATE TABLE email.messages (
     track_opens         boolean,
     track_clicks        boolean,
     list_unsubscribe    boolean,
-    topic               text
+    topic               text,
+    raw                 bytea
 );
 -- No CHECK constraints here: email.send validates every value, and each one-row INSERT through
 -- SPI would compile every CHECK again (measured: 2 to 8 microseconds each per email.send, 45 %

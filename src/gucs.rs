@@ -64,6 +64,11 @@ static DASHBOARD_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 static BOUNCE_DOMAIN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Where the listener accepts SMTP/LMTP; empty: no inbound mail service.
 static INBOUND_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// host:port of the SMTP submission service (RFC 6409) for applications with an API key.
+static SUBMISSION_ADDRESS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// PEM certificate chain and private key of the submission service's STARTTLS.
+static SUBMISSION_TLS_CERT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static SUBMISSION_TLS_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// More domains (comma-separated) whose mail the inbound service accepts (replies, say).
 static INBOUND_DOMAINS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -249,6 +254,30 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
+        c"pg_email.submission_address",
+        c"host:port the pg_email listener accepts SMTP submission on (applications with an API key).",
+        c"Empty: no submission service. AUTH PLAIN or LOGIN with the key's name and the key; STARTTLS is required first unless the client is on loopback.",
+        &SUBMISSION_ADDRESS,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.submission_tls_cert",
+        c"PEM file with the certificate chain the submission service offers with STARTTLS.",
+        c"Empty: no STARTTLS, so only clients on loopback can authenticate.",
+        &SUBMISSION_TLS_CERT,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_email.submission_tls_key",
+        c"PEM file with the private key of pg_email.submission_tls_cert.",
+        c"",
+        &SUBMISSION_TLS_KEY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
         c"pg_email.inbound_domains",
         c"More domains (comma-separated) whose mail the inbound service accepts, besides bounce_domain.",
         c"",
@@ -392,6 +421,15 @@ pub fn bounce_domain() -> Option<String> {
 }
 pub fn inbound_address() -> Option<String> {
     string(&INBOUND_ADDRESS)
+}
+
+pub fn submission_address() -> Option<String> {
+    string(&SUBMISSION_ADDRESS)
+}
+
+/// The submission service's certificate and key files, when both are set.
+pub fn submission_tls() -> Option<(String, String)> {
+    Some((string(&SUBMISSION_TLS_CERT)?, string(&SUBMISSION_TLS_KEY)?))
 }
 /// The domains the inbound service accepts mail for: bounce_domain and inbound_domains.
 pub fn inbound_domains() -> Vec<String> {

@@ -32,6 +32,7 @@ pub mod render;
 pub mod reply;
 pub mod sendapi;
 pub mod shmem;
+pub mod submission;
 pub mod subxact;
 pub mod tracking;
 pub mod webhook;

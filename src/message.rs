@@ -372,7 +372,12 @@ pub fn parse_attachments(value: &Value) -> Result<Vec<Attachment>, FieldError> {
 
 /// A new RFC 5322 Message-ID in the sender's domain: `<uuid@domain>`.
 pub fn new_message_id(sender: &Mailbox) -> String {
-    format!("<{}@{}>", uuid::Uuid::new_v4().simple(), sender.email.domain())
+    new_message_id_for(sender.email.domain())
+}
+
+/// A new RFC 5322 Message-ID in `domain`: `<uuid@domain>`.
+pub fn new_message_id_for(domain: &str) -> String {
+    format!("<{}@{}>", uuid::Uuid::new_v4().simple(), domain)
 }
 
 /// A stored message, as the worker reads it back (templates already rendered).

@@ -258,6 +258,18 @@ pub fn rfc3339(unix_secs: f64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
 }
 
+/// Unix seconds as an RFC 5322 date in UTC, `Mon, 30 Nov 2026 12:34:56 +0000` (a Date field).
+pub fn rfc5322_date(unix_secs: f64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]; // 1970-01-01 was a Thursday
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let secs = unix_secs.floor().clamp(0.0, 253_402_300_799.0) as i64;
+    let (days, s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let weekday = DAYS[days.rem_euclid(7) as usize];
+    let month = MONTHS[(m as usize).saturating_sub(1).min(11)];
+    format!("{weekday}, {d:02} {month} {y:04} {:02}:{:02}:{:02} +0000", s / 3600, s / 60 % 60, s % 60)
+}
+
 /// The proleptic Gregorian date of a day number (days since 1970-01-01), after Howard
 /// Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -951,6 +963,13 @@ mod tests {
 
     /// Expected values from Python: `(datetime(1970,1,1,tzinfo=timezone.utc) +
     /// timedelta(seconds=t)).isoformat(timespec='microseconds')`, cut to milliseconds.
+    #[test]
+    fn rfc5322_dates() {
+        assert_eq!(rfc5322_date(0.0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(1_796_040_000.5), "Mon, 30 Nov 2026 12:00:00 +0000");
+        assert_eq!(rfc5322_date(951_782_400.0), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
     #[test]
     fn rfc3339_formats_known_dates_including_leap_years() {
         let cases: [(f64, &str); 17] = [

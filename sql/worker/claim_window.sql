@@ -22,4 +22,4 @@ WHERE m.id = due.id
 RETURNING m.id, m.attempts AS attempt, m.transport, m.sender, m.recipients, m.cc, m.bcc, m.reply_to, m.subject,
           m.body, m.html, m.template, m.template_version, m.data::text AS data, m.headers::text AS headers,
           m.message_id, m.pending_recipients, m.attachment_count, m.tags, m.metadata::text AS metadata,
-          m.track_opens, m.track_clicks, m.list_unsubscribe
+          m.track_opens, m.track_clicks, m.list_unsubscribe, m.raw

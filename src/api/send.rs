@@ -34,6 +34,8 @@ const MESSAGE_BY_KEY: &str = include_str!("../../sql/api/message_by_key.sql");
 const INSERT_ATTACHMENT: &str = include_str!("../../sql/api/insert_attachment.sql");
 const RECORD_SUPPRESSED: &str = include_str!("../../sql/api/record_suppressed.sql");
 const TEMPLATE_VERSION: &str = include_str!("../../sql/api/template_version.sql");
+const MAY_SEND: &str = include_str!("../../sql/api/may_send.sql");
+const INSERT_RAW: &str = include_str!("../../sql/api/insert_raw.sql");
 
 /// What a call says besides the message itself: who sends it, through which transport, when,
 /// how urgently, and for template mail the pinned template with its data.
@@ -90,6 +92,8 @@ fn limits() -> draft::Limits {
 /// per configuration generation instead of once per message.
 struct Route {
     name: String,
+    /// smtp, file, capture, or a provider's name.
+    kind: String,
     sender: Option<String>,
     any_suppressed: bool,
 }
@@ -160,6 +164,7 @@ fn lookup_route(client: &mut SpiClient, transport: Option<&str>) -> Rc<Route> {
     let row = found.first();
     let route = Rc::new(Route {
         name: row.get_by_name("name").ok().flatten().unwrap_or_default(),
+        kind: row.get_by_name("kind").ok().flatten().unwrap_or_default(),
         sender: row.get_by_name("sender").ok().flatten(),
         any_suppressed: row.get_by_name("any_suppressed").ok().flatten().unwrap_or(true),
     });
@@ -261,6 +266,7 @@ static INSERT_SUPPRESSED: LazyLock<[&'static str; 2]> = LazyLock::new(|| {
 
 /// Inserts the outbox row; returns its id, or the existing id for a known idempotency key. A
 /// message whose one recipient was dropped (`kept.receipt`) gets its receipt in the same statement.
+#[allow(clippy::too_many_arguments)]
 fn insert_message(
     client: &mut SpiClient,
     d: &draft::Draft,
@@ -269,6 +275,7 @@ fn insert_message(
     route: &Route,
     sender: &Mailbox,
     kept: Kept,
+    creator: &str,
 ) -> Result<i64, i64> {
     let [to, cc, bcc] = kept.lists;
     let nonempty = |l: Vec<Mailbox>| (!l.is_empty()).then(|| texts(&l));
@@ -277,7 +284,6 @@ fn insert_message(
         None => (None, None, None),
     };
     let message_id = message::new_message_id(sender);
-    let creator = caller_role();
     let request_hash = d.idempotency_key.map(|_| call_fingerprint(d, r));
     let [opens, clicks, list_unsubscribe] = r.track.resolve(r.topic.is_some());
     let mut args: Vec<DatumWithOid> = vec![
@@ -285,7 +291,7 @@ fn insert_message(
         message::mailbox_text(sender).into(),
         texts(&to).into(),
         message_id.as_str().into(),
-        creator.as_str().into(),
+        creator.into(),
         nonempty(cc).into(),
         nonempty(bcc).into(),
         c.reply_to.as_deref().into(),
@@ -322,7 +328,7 @@ fn insert_message(
     if inserted.is_empty() {
         // This role used the key before (possibly in a concurrent call we waited for).
         let key = d.idempotency_key.unwrap_or_default();
-        let existing = client.select(MESSAGE_BY_KEY, Some(1), &[key.into(), creator.as_str().into()]);
+        let existing = client.select(MESSAGE_BY_KEY, Some(1), &[key.into(), creator.into()]);
         let existing = existing.unwrap_or_else(|e| spi_failed(e));
         let row = existing.first();
         let Some(id) = row.get_by_name::<i64, _>("id").ok().flatten() else {
@@ -418,8 +424,13 @@ pub(crate) fn record_suppressed(
     }
 }
 
-/// Validates and stores one message; returns its id.
+/// Validates and stores one message for the calling role; returns its id.
 pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
+    enqueue_as(d, r, &caller_role())
+}
+
+/// Validates and stores one message for role `creator`; returns its id.
+pub(crate) fn enqueue_as(d: draft::Draft, r: Routing, creator: &str) -> i64 {
     super::require_current_schema();
     super::warn_if_unserved(false);
     let c = draft::check(&d, &limits()).unwrap_or_else(|e| invalid(e));
@@ -431,7 +442,7 @@ pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
         let kept = drop_suppressed(&c, &dropped);
         let all_suppressed = kept.all_suppressed;
         let receipt_with_row = kept.receipt.is_some();
-        let id = match insert_message(client, &d, &r, &c, &route, &sender, kept) {
+        let id = match insert_message(client, &d, &r, &c, &route, &sender, kept, creator) {
             Ok(id) => id,
             Err(existing) => return existing,
         };
@@ -439,6 +450,85 @@ pub(crate) fn enqueue(d: draft::Draft, r: Routing) -> i64 {
         if !receipt_with_row {
             record_suppressed(client, id, &route.name, &bare, &dropped);
         }
+        if !all_suppressed {
+            crate::xact::mark_queued();
+        }
+        id
+    })
+}
+
+/// Stores a message received by SMTP submission for `creator` (an API key's role, which must be
+/// allowed to call email.send): the envelope's sender and recipients checked like email.send's,
+/// suppressed recipients dropped, the prepared MIME kept to be delivered as it is, through the
+/// default transport. Runs in the listener's transaction; returns the message's id.
+pub(crate) fn enqueue_raw(creator: &str, sender: &str, recipients: &[String], p: &crate::submission::Prepared) -> i64 {
+    super::require_current_schema();
+    let sender = message::parse_mailbox("sender", sender).unwrap_or_else(|e| invalid(e));
+    let mut list: Vec<Mailbox> = Vec::with_capacity(recipients.len());
+    for r in recipients {
+        list.push(message::parse_mailbox("recipients", r).unwrap_or_else(|e| invalid(e)));
+    }
+    let max = gucs::max_recipients();
+    if list.len() > max {
+        invalid(FieldError::new(
+            "recipients",
+            format!("{} recipients, more than pg_email.max_recipients ({max})", list.len()),
+        ));
+    }
+    let size = gucs::max_message_size();
+    if p.raw.len() > size {
+        invalid(FieldError::new(
+            "message",
+            format!("{} bytes, more than pg_email.max_message_size ({size})", p.raw.len()),
+        ));
+    }
+    Spi::connect_mut(|client| {
+        let may = run_prepared(client, MAY_SEND, Some(1), &[creator.into()]);
+        if may.first().get_by_name::<bool, _>("may_send").ok().flatten() != Some(true) {
+            raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "role {} may not send: it needs USAGE on schema email and EXECUTE on email.send",
+                    message::show(creator)
+                ),
+                None,
+            )
+        }
+        let route = lookup_route(client, None);
+        if !matches!(route.kind.as_str(), "smtp" | "file" | "capture") {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "the default transport {} ({}) cannot deliver a submitted message as it is; SMTP submission needs an smtp://, file:// or capture:// default transport",
+                    message::show(&route.name),
+                    route.kind
+                ),
+                None,
+            )
+        }
+        let bare: Vec<String> = list.iter().map(message::bare_address).collect();
+        let dropped = dropped(client, route.any_suppressed, None, &bare);
+        let kept: Vec<String> = bare.iter().filter(|b| !dropped.iter().any(|(d, _)| d == *b)).cloned().collect();
+        let all_suppressed = kept.is_empty();
+        let stored = if all_suppressed { bare.clone() } else { kept };
+        let args: Vec<DatumWithOid> = vec![
+            route.name.as_str().into(),
+            message::mailbox_text(&sender).into(),
+            stored.into(),
+            p.message_id.as_str().into(),
+            creator.into(),
+            p.subject.as_deref().into(),
+            p.raw.as_slice().into(),
+            (if all_suppressed { "suppressed" } else { "queued" }).into(),
+        ];
+        let inserted = run_prepared(client, INSERT_RAW, Some(1), &args);
+        let id = inserted
+            .first()
+            .get_by_name::<i64, _>("id")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "INSERT returned no id", None));
+        record_suppressed(client, id, &route.name, &bare, &dropped);
         if !all_suppressed {
             crate::xact::mark_queued();
         }
@@ -521,34 +611,45 @@ fn send_template_message(
     let track = Track { opens: track_opens, clicks: track_clicks, list_unsubscribe };
     let name = template.unwrap_or_else(|| invalid(FieldError::required("template")));
     let data = data.unwrap_or_else(|| JsonB(serde_json::json!({})));
-    if !data.0.is_object() {
+    let d = draft::Draft {
+        recipients,
+        cc,
+        bcc,
+        reply_to,
+        headers: headers.as_ref().map(|h| &h.0),
+        attachments: attachments.as_ref().map(|a| &a.0),
+        tags: tags.as_deref(),
+        metadata: metadata.as_ref().map(|m| &m.0),
+        idempotency_key,
+        templated: true,
+        ..draft::Draft::default()
+    };
+    let r = Routing { sender, transport, send_at, priority, template: None, track, topic };
+    enqueue_template(name, &data.0, d, r, &caller_role())
+}
+
+/// email.send_template for role `creator`: renders the current version of template `name` with
+/// `data` now (a template the data cannot render fails here, in the caller's transaction), and
+/// queues the message pinned to that version. `d`'s subject is the rendered one.
+pub(crate) fn enqueue_template(
+    name: &str,
+    data: &serde_json::Value,
+    d: draft::Draft,
+    r: Routing,
+    creator: &str,
+) -> i64 {
+    if !data.is_object() {
         invalid(FieldError::new("data", "must be a JSON object"));
     }
     let version = template_version(name).unwrap_or_else(|| super::templates::no_such_template(name));
-    // A template the data cannot render fails here, in the caller's transaction, not later.
-    let rendered = super::templates::render_current(name, &data.0);
+    let rendered = super::templates::render_current(name, data);
     let size = rendered.subject.len()
         + rendered.body.as_ref().map_or(0, String::len)
         + rendered.html.as_ref().map_or(0, String::len);
     draft::check_rendered_size(size, &limits()).unwrap_or_else(|e| invalid(e));
-    enqueue(
-        draft::Draft {
-            recipients,
-            // The subject as rendered now, so the outbox shows it before the mail is sent.
-            subject: Some(&rendered.subject),
-            cc,
-            bcc,
-            reply_to,
-            headers: headers.as_ref().map(|h| &h.0),
-            attachments: attachments.as_ref().map(|a| &a.0),
-            tags: tags.as_deref(),
-            metadata: metadata.as_ref().map(|m| &m.0),
-            idempotency_key,
-            templated: true,
-            ..draft::Draft::default()
-        },
-        Routing { sender, transport, send_at, priority, template: Some((name, version, &data.0)), track, topic },
-    )
+    // The subject as rendered now, so the outbox shows it before the mail is sent.
+    let d = draft::Draft { subject: Some(&rendered.subject), ..d };
+    enqueue_as(d, Routing { template: Some((name, version, data)), ..r }, creator)
 }
 
 /// The current version of a stored template, if it exists.

@@ -60,6 +60,11 @@ impl ApiKeys {
         self.0.values().flatten().any(|k| k.name == name && k.hash == hash)
     }
 
+    /// The key with this name.
+    pub fn by_name(&self, name: &str) -> Option<Rc<ApiKey>> {
+        self.0.values().flatten().find(|k| k.name == name).cloned()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.0.values().flatten().map(|k| k.name.clone()).collect()
     }
@@ -190,3 +195,121 @@ pub async fn handle(state: &Rc<State>, peer: SocketAddr, route: Route, req: Requ
 
 /// The SQLSTATE the main thread answers for a key revoked after its request was checked.
 pub const KEY_REVOKED: &str = "28P01";
+
+/// A message received by SMTP submission, prepared (`crate::submission`) and ready to store.
+#[derive(Debug)]
+pub struct SubmitJob {
+    pub key: String,
+    pub hash: Vec<u8>,
+    pub role: String,
+    /// MAIL FROM.
+    pub sender: String,
+    /// The RCPT addresses.
+    pub recipients: Vec<String>,
+    pub prepared: crate::submission::Prepared,
+}
+
+/// The identity a session's AUTH gives (`smtp::Login::Ok`): the key's name and the hex SHA-256
+/// of the key presented, so that a key revoked (or made again under its name) since is refused.
+fn identity(key: &ApiKey) -> String {
+    let hex: String = key.hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}:{}", key.name)
+}
+
+fn from_identity(identity: &str) -> Option<(Vec<u8>, &str)> {
+    let (hex, name) = identity.split_once(':')?;
+    let hash = (0..hex.len())
+        .step_by(2)
+        .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()?;
+    Some((hash, name))
+}
+
+/// Checks SMTP AUTH credentials: the user is the key's name, the password the key. Wrong ones
+/// count against the client's address, as wrong keys do over HTTP.
+pub fn login(state: &Rc<State>, user: &str, password: &str, ip: std::net::IpAddr) -> super::smtp::Login {
+    let now = Instant::now();
+    if state.send.failed_auth.borrow().check(ip, now).is_err() {
+        return super::smtp::Login::Locked;
+    }
+    let found = state.config.borrow().api_keys.find(password).filter(|k| k.name == user);
+    match found {
+        Some(key) => super::smtp::Login::Ok(identity(&key)),
+        None => {
+            state.send.failed_auth.borrow_mut().fail(ip, now);
+            super::smtp::Login::Wrong
+        }
+    }
+}
+
+/// Stores one submitted message as the session's key's role; the answer to its DATA.
+pub async fn submit(state: &Rc<State>, envelope: super::smtp::Envelope) -> super::smtp::Stored {
+    use super::smtp::Stored;
+    let Some((hash, name)) = envelope.login.as_deref().and_then(from_identity) else {
+        return Stored::Refused("530 5.7.0 Authentication required".into());
+    };
+    let key = state.config.borrow().api_keys.by_name(name).filter(|k| k.hash == hash);
+    let Some(key) = key else {
+        return Stored::Refused("535 5.7.8 Error: the API key was revoked".into());
+    };
+    let now = Instant::now();
+    if let Some(rate) = &key.rate {
+        if let Err(wait) = state.send.limiter.borrow_mut().take(&key.name, rate, now) {
+            return Stored::Refused(format!(
+                "451 4.7.0 Error: rate {rate} of API key {} exceeded; try again in {} s",
+                key.name,
+                keys::retry_after_secs(wait)
+            ));
+        }
+    }
+    state.send.used.borrow_mut().insert(key.name.clone(), now_secs());
+    let date = crate::outbound::rfc5322_date(now_secs());
+    let prepared = match crate::submission::prepare(&envelope.raw, crate::message::new_message_id_for, &date) {
+        Ok(p) => p,
+        Err(why) => return Stored::Refused(format!("554 5.6.0 {why}")),
+    };
+    let job = SubmitJob {
+        key: key.name.clone(),
+        hash: key.hash.clone(),
+        role: key.role.clone(),
+        sender: envelope.mail_from,
+        recipients: envelope.rcpt_to,
+        prepared,
+    };
+    match state.ask(Job::Submit(Box::new(job))).await {
+        Answer::Stored(id) => Stored::Queued(id),
+        Answer::Refused(line) => Stored::Refused(line),
+        _ => Stored::Failed,
+    }
+}
+
+/// The SMTP reply for a submission `email.send`'s rules refused.
+pub fn submission_refusal(n: &NotSent) -> String {
+    let one_line = |m: &str| m.split_whitespace().collect::<Vec<_>>().join(" ");
+    match n.sqlstate.as_str() {
+        super::send::ROLE_UNUSABLE => {
+            format!("554 5.7.1 Error: the API key's role may not send mail: {}", one_line(&n.message))
+        }
+        s if s.starts_with("22") || s.starts_with("23") || s == "42704" || s == "P0001" || s.starts_with("54") => {
+            format!("554 5.6.0 Error: {}", one_line(&n.message))
+        }
+        _ => format!("451 4.3.0 Error: the message cannot be stored now: {}", one_line(&n.message)),
+    }
+}
+
+/// The submission service's TLS settings from PEM files (certificate chain, private key).
+pub fn tls_config(cert: &str, key: &str) -> Result<rustls::ServerConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("pg_email.submission_tls_cert {cert}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("pg_email.submission_tls_cert {cert} holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("pg_email.submission_tls_key {key}: {e}"))?;
+    rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| format!("the submission certificate cannot be used: {e}"))
+}

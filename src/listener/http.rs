@@ -53,6 +53,8 @@ pub enum Job {
     Dashboard,
     /// Messages of the HTTP send API, stored as the key's role.
     Send(Box<super::api_http::SendJob>),
+    /// A message received by SMTP submission, stored as the key's role.
+    Submit(Box<super::api_http::SubmitJob>),
 }
 
 /// The main thread's answer.
@@ -95,11 +97,15 @@ pub struct Config {
 pub struct State {
     pub queue: RefCell<Vec<Work>>,
     queued_rows: Cell<usize>,
+    /// Queued work whose connection waits for the answer.
+    awaiting: Cell<usize>,
     /// Woken when work is queued, so the slice ends and the main thread stores it.
     pub wake: Notify,
     pub config: RefCell<Rc<Config>>,
     /// The SMTP/LMTP service's settings (read again with the rest).
     pub smtp: RefCell<Rc<super::smtp::Config>>,
+    /// The SMTP submission service's settings.
+    pub submission: RefCell<Rc<super::smtp::Config>>,
     /// SNS certificates by URL (fetched or loaded from email.sns_certificates).
     pub certs: RefCell<HashMap<String, Rc<Vec<u8>>>>,
     /// False while the database cannot be reached: /health answers 503.
@@ -127,9 +133,11 @@ impl State {
         Ok(State {
             queue: RefCell::new(Vec::new()),
             queued_rows: Cell::new(0),
+            awaiting: Cell::new(0),
             wake: Notify::new(),
             config: RefCell::new(Rc::new(Config::default())),
             smtp: RefCell::new(Rc::new(super::smtp::Config::default())),
+            submission: RefCell::new(Rc::new(super::smtp::Config { submission: true, ..Default::default() })),
             certs: RefCell::new(HashMap::new()),
             healthy: Cell::new(false),
             client,
@@ -140,6 +148,12 @@ impl State {
             dashboard: RefCell::new(None),
             send: super::api_http::SendState::default(),
         })
+    }
+
+    /// Whether every open connection is waiting for an answer from the main thread: nothing more
+    /// can arrive before it stores what is queued, so gathering longer would only add latency.
+    pub fn all_waiting(&self) -> bool {
+        self.awaiting.get() >= self.open_connections.get()
     }
 
     /// Takes up to `max_rows` rows' worth of queued work (at least one item).
@@ -160,6 +174,8 @@ impl State {
             n += 1;
         }
         self.queued_rows.set(self.queued_rows.get().saturating_sub(rows));
+        let answered = q[..n].iter().filter(|w| w.reply.is_some()).count();
+        self.awaiting.set(self.awaiting.get().saturating_sub(answered));
         q.drain(..n).collect()
     }
 
@@ -176,6 +192,9 @@ impl State {
             _ => 1,
         };
         self.queued_rows.set(self.queued_rows.get() + rows);
+        if reply.is_some() {
+            self.awaiting.set(self.awaiting.get() + 1);
+        }
         self.queue.borrow_mut().push(Work { job, reply });
         self.wake.notify_one();
     }

@@ -1,5 +1,7 @@
 //! The listener worker: one background process that accepts HTTP (provider webhooks, open and
-//! click tracking, unsubscribe) when `pg_email.listen_address` is set. `init` registers it from
+//! click tracking, unsubscribe, the provider-compatible send API) when `pg_email.listen_address`
+//! is set, inbound SMTP/LMTP on `pg_email.inbound_address`, and SMTP submission on
+//! `pg_email.submission_address`. `init` registers it from
 //! `_PG_init` in the postmaster. Its main thread drives a current-thread tokio runtime (hyper
 //! HTTP/1.1, see `http`) in bounded slices with signals blocked, and between slices runs one
 //! short transaction for everything the handlers queued; only then are the waiting webhook and
@@ -56,7 +58,7 @@ const NOTE_KEYS_EVERY: Duration = Duration::from_secs(2);
 /// Called from `_PG_init`: registers the listener when `pg_email.listen_address` (HTTP) or
 /// `pg_email.inbound_address` (SMTP/LMTP) is set.
 pub fn init() {
-    if gucs::listen_address().is_none() && gucs::inbound_address().is_none() {
+    if gucs::listen_address().is_none() && gucs::inbound_address().is_none() && gucs::submission_address().is_none() {
         return;
     }
     BackgroundWorkerBuilder::new("pg_email listener")
@@ -107,7 +109,7 @@ pub extern "C-unwind" fn pg_email_listener_main(_arg: pg_sys::Datum) {
         Ok(s) => Rc::new(s),
         Err(e) => pgrx::error!("pg_email listener: cannot start its HTTP client: {e}"),
     };
-    let mut l = Listener { rt, state, generation: u64::MAX, loaded_at: None, keys_noted_at: Instant::now() };
+    let mut l = Listener { rt, state, generation: u64::MAX, loaded_at: None, keys_noted_at: Instant::now(), tls: None };
     l.run();
     if let Some(s) = slot() {
         s.pid.store(0, Ordering::Relaxed);
@@ -128,7 +130,18 @@ struct Listener {
     loaded_at: Option<Instant>,
     /// When the keys used were last noted.
     keys_noted_at: Instant,
+    /// The submission service's certificate files (with their modification times) as last
+    /// read, and the TLS settings made of them.
+    tls: Option<TlsFiles>,
 }
+
+/// The HTTP, inbound SMTP/LMTP and submission addresses, each when set.
+type Addresses = (Option<SocketAddr>, Option<SocketAddr>, Option<SocketAddr>);
+
+type TlsFiles = (
+    ((String, String), Option<std::time::SystemTime>, Option<std::time::SystemTime>),
+    Option<std::sync::Arc<rustls::ServerConfig>>,
+);
 
 impl Listener {
     /// Waits on the latch; false when the worker must stop.
@@ -144,8 +157,9 @@ impl Listener {
         alive
     }
 
-    /// Parses `pg_email.listen_address` / `pg_email.inbound_address`; Err: one is set but invalid.
-    fn addresses() -> Result<(Option<SocketAddr>, Option<SocketAddr>), String> {
+    /// Parses `pg_email.listen_address` / `inbound_address` / `submission_address`; Err: one is set
+    /// but invalid.
+    fn addresses() -> Result<Addresses, String> {
         let parse = |setting: &str, value: Option<String>| match value {
             None => Ok(None),
             Some(v) => v
@@ -154,7 +168,11 @@ impl Listener {
                 .map(Some)
                 .map_err(|_| format!("pg_email.{setting} = \"{v}\" is not host:port (for example 127.0.0.1:8025)")),
         };
-        Ok((parse("listen_address", gucs::listen_address())?, parse("inbound_address", gucs::inbound_address())?))
+        Ok((
+            parse("listen_address", gucs::listen_address())?,
+            parse("inbound_address", gucs::inbound_address())?,
+            parse("submission_address", gucs::submission_address())?,
+        ))
     }
 
     /// Binds `addr`, retrying while it is still taken (a restart right after a crash); None when
@@ -179,7 +197,7 @@ impl Listener {
     }
 
     fn run(&mut self) {
-        let (http_addr, smtp_addr) = match Self::addresses() {
+        let (http_addr, smtp_addr, submission_addr) = match Self::addresses() {
             Ok(a) => a,
             Err(e) => {
                 warning!("pg_email listener: {e}; the listener does not start");
@@ -227,12 +245,19 @@ impl Listener {
             log!("pg_email listener accepting SMTP and LMTP on {addr} for database \"{}\"", gucs::database());
             smtp = Some(l);
         }
-        let on: Vec<String> = http_addr.iter().chain(smtp_addr.iter()).map(|a| a.to_string()).collect();
+        let mut submission = None;
+        if let Some(addr) = submission_addr {
+            let Some(l) = self.bind_retrying(addr) else { return };
+            log!("pg_email listener accepting SMTP submission on {addr} for database \"{}\"", gucs::database());
+            submission = Some(l);
+        }
+        let on: Vec<String> =
+            http_addr.iter().chain(smtp_addr.iter()).chain(submission_addr.iter()).map(|a| a.to_string()).collect();
         set_state(WorkerState::Listening, &format!("listening on {}", on.join(", ")));
 
         let mut connections: FuturesUnordered<Connection> = FuturesUnordered::new();
         loop {
-            self.drive(http.as_ref(), smtp.as_ref(), &mut connections);
+            self.drive(http.as_ref(), smtp.as_ref(), submission.as_ref(), &mut connections);
             if !self.wait(Duration::ZERO) {
                 break;
             }
@@ -255,6 +280,7 @@ impl Listener {
         self.note_keys_used(true);
         drop(http);
         drop(smtp);
+        drop(submission);
         let deadline = Instant::now() + Duration::from_millis(500);
         let old = block_signals();
         self.rt.block_on(async {
@@ -275,6 +301,7 @@ impl Listener {
         &self,
         http: Option<&tokio::net::TcpListener>,
         smtp: Option<&tokio::net::TcpListener>,
+        submission: Option<&tokio::net::TcpListener>,
         connections: &mut FuturesUnordered<Connection>,
     ) {
         let state = &self.state;
@@ -290,6 +317,9 @@ impl Listener {
                     biased;
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = state.wake.notified() => {
+                        if state.all_waiting() {
+                            break;
+                        }
                         deadline = deadline.min(tokio::time::Instant::now() + GATHER);
                     }
                     accepted = accept(http), if room => match accepted {
@@ -299,9 +329,13 @@ impl Listener {
                         Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                     },
                     accepted = accept(smtp), if room => match accepted {
-                        Ok((stream, peer)) => connections.push(serve_smtp(state.clone(), stream, peer)),
+                        Ok((stream, peer)) => connections.push(serve_smtp(state.clone(), stream, peer, false)),
                         // Out of file descriptors, say: let connections finish for a moment
                         // instead of spinning on the error.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    accepted = accept(submission), if room => match accepted {
+                        Ok((stream, peer)) => connections.push(serve_smtp(state.clone(), stream, peer, true)),
                         Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                     },
                     Some(()) = connections.next(), if !connections.is_empty() => {}
@@ -327,10 +361,12 @@ impl Listener {
                 .iter()
                 .map(|job| match job {
                     Job::Send(s) => !self.state.config.borrow().api_keys.still_valid(&s.key, &s.hash),
+                    Job::Submit(s) => !self.state.config.borrow().api_keys.still_valid(&s.key, &s.hash),
                     _ => false,
                 })
                 .collect();
             let answers = BackgroundWorker::transaction(|| {
+                send::forget_roles();
                 let mut answers = Vec::with_capacity(work.len());
                 // One dashboard read per transaction, however many asked.
                 let mut page: Option<Rc<String>> = None;
@@ -398,6 +434,16 @@ impl Listener {
                                 match send::store(&job.role, &job.calls, job.dry_run) {
                                     Ok(ids) => Answer::Sent(ids),
                                     Err(n) => Answer::NotSent(n),
+                                }
+                            }
+                        }
+                        Job::Submit(job) => {
+                            if *revoked {
+                                Answer::Refused("535 5.7.8 Error: the API key was revoked".into())
+                            } else {
+                                match send::submit(job) {
+                                    Ok(id) => Answer::Stored(id),
+                                    Err(n) => Answer::Refused(api_http::submission_refusal(&n)),
                                 }
                             }
                         }
@@ -532,6 +578,18 @@ impl Listener {
             max_recipients: 100,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            submission: false,
+            tls: None,
+        });
+        *self.state.submission.borrow_mut() = Rc::new(smtp::Config {
+            hostname: gucs::bounce_domain().unwrap_or_else(|| "localhost".into()),
+            max_message_size: gucs::max_message_size(),
+            accept_domains: Vec::new(),
+            max_recipients: gucs::max_recipients(),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            submission: true,
+            tls: self.submission_tls(),
         });
         let mut cache = self.state.certs.borrow_mut();
         for (url, pem) in certs {
@@ -558,6 +616,28 @@ impl Listener {
         }
     }
 
+    /// The submission service's TLS settings, read from the files again when they changed; None
+    /// (no STARTTLS) when none are set or they cannot be used.
+    fn submission_tls(&mut self) -> Option<std::sync::Arc<rustls::ServerConfig>> {
+        let files = gucs::submission_tls()?;
+        let stamp = |p: &str| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let seen = (files.clone(), stamp(&files.0), stamp(&files.1));
+        if let Some((at, tls)) = &self.tls {
+            if *at == seen {
+                return tls.clone();
+            }
+        }
+        let tls = match api_http::tls_config(&files.0, &files.1) {
+            Ok(c) => Some(std::sync::Arc::new(c)),
+            Err(e) => {
+                warning!("pg_email listener: the submission service offers no STARTTLS: {e}");
+                None
+            }
+        };
+        self.tls = Some((seen, tls.clone()));
+        tls
+    }
+
     fn flush_logs(&self) {
         for line in self.state.logs.borrow_mut().drain(..) {
             log!("{line}");
@@ -573,17 +653,20 @@ async fn accept(listener: Option<&tokio::net::TcpListener>) -> std::io::Result<(
     }
 }
 
-/// Serves one SMTP or LMTP connection (the client's EHLO or LHLO says which); each DATA is
-/// answered after the transaction that stored the message committed.
-fn serve_smtp(state: Rc<State>, stream: tokio::net::TcpStream, peer: SocketAddr) -> Connection {
+/// Serves one SMTP or LMTP connection (the client's EHLO or LHLO says which), or one submission
+/// connection; each DATA is answered after the transaction that stored the message committed.
+fn serve_smtp(state: Rc<State>, stream: tokio::net::TcpStream, peer: SocketAddr, submission: bool) -> Connection {
     let _ = stream.set_nodelay(true);
     Box::pin(async move {
         state.open_connections.set(state.open_connections.get() + 1);
-        let cfg = state.smtp.borrow().clone();
+        let cfg = if submission { state.submission.borrow().clone() } else { state.smtp.borrow().clone() };
         let submit_state = state.clone();
         let submit = move |envelope: smtp::Envelope| {
             let state = submit_state.clone();
             async move {
+                if submission {
+                    return api_http::submit(&state, envelope).await;
+                }
                 match state.ask(Job::Inbound(Box::new(envelope))).await {
                     Answer::Stored(_) => smtp::Stored::Ok,
                     Answer::Refused(why) => smtp::Stored::Refused(why),
@@ -591,7 +674,9 @@ fn serve_smtp(state: Rc<State>, stream: tokio::net::TcpStream, peer: SocketAddr)
                 }
             }
         };
-        smtp::serve(stream, peer, cfg, submit).await;
+        let login_state = state.clone();
+        let authenticate = move |user: &str, password: &str, ip| api_http::login(&login_state, user, password, ip);
+        smtp::serve(stream, peer, cfg, submit, authenticate).await;
         state.open_connections.set(state.open_connections.get().saturating_sub(1));
     })
 }

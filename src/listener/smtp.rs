@@ -17,14 +17,24 @@
 //! Line ends: CRLF, and a bare LF is taken as a line end too, in commands and in the message, but
 //! only `<CRLF>.<CRLF>` ends a message (see `read_data`). The message is kept dot-unstuffed with
 //! every line ended by CRLF.
+//!
+//! Submission (RFC 6409, `Config::submission`), on its own port: SMTP only, STARTTLS (RFC 3207)
+//! when a certificate is configured, AUTH PLAIN and LOGIN (RFC 4954) once TLS is on or when the
+//! client is on loopback, and MAIL only after AUTH; recipients in any domain. Commands pipelined
+//! behind STARTTLS are dropped, never run inside the TLS session (CVE-2011-0411). Credentials are
+//! checked by the caller's `authenticate`, which also says when an address has failed too often.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use base64::Engine;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::time::timeout;
 
 /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4 allows 512; extensions add to it).
@@ -55,6 +65,10 @@ pub struct Config {
     pub command_timeout: Duration,
     /// Longest the whole DATA phase may take (the 354 to the final dot).
     pub data_timeout: Duration,
+    /// Submission instead of inbound mail: AUTH before MAIL, any recipient domain, no LMTP.
+    pub submission: bool,
+    /// STARTTLS, when a certificate is configured (submission only).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Config {
@@ -67,6 +81,8 @@ impl Default for Config {
             max_recipients: 100,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            submission: false,
+            tls: None,
         }
     }
 }
@@ -92,6 +108,19 @@ pub struct Envelope {
     /// The name the client gave in HELO, EHLO or LHLO.
     pub helo: String,
     pub peer: SocketAddr,
+    /// Submission: what `authenticate` answered for the session's AUTH.
+    pub login: Option<String>,
+}
+
+/// What `authenticate` says of a user name and password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// Right: the identity to hand on with each message (`Envelope::login`).
+    Ok(String),
+    /// Wrong: 535 5.7.8.
+    Wrong,
+    /// This client address failed too often lately: 454 4.7.0, whatever it sends.
+    Locked,
 }
 
 /// What became of a submitted message.
@@ -99,27 +128,31 @@ pub struct Envelope {
 pub enum Stored {
     /// Committed: 250 2.0.0.
     Ok,
+    /// Committed as this outbox message: 250 2.0.0 Ok: queued as <id>.
+    Queued(i64),
     /// Not stored now (the database could not take it): 451 4.3.0, the client tries again.
     Failed,
-    /// Refused for good: the whole reply line, code first, such as
-    /// `554 5.6.0 the message cannot be parsed`. A line that does not start with a 5xx code is
-    /// sent as `554 5.0.0 <line>`.
+    /// Refused: the whole reply line, code first, such as `554 5.6.0 the message cannot be
+    /// parsed` (or a 4xx line: refused for now). A line that does not start with a 4xx or 5xx
+    /// code is sent as `554 5.0.0 <line>`.
     Refused(String),
 }
 
 /// Serves one connection until QUIT, a timeout, the client closing, or an error. `submit` is
 /// called once per accepted message (never for a refused or incomplete one) and returns when it is
-/// committed, or not; the client is answered after that.
-pub async fn serve<S, F, Fut>(stream: S, peer: SocketAddr, cfg: Rc<Config>, submit: F)
+/// committed, or not; the client is answered after that. `authenticate` checks AUTH credentials
+/// (submission only; user, password, client address).
+pub async fn serve<S, F, Fut, A>(stream: S, peer: SocketAddr, cfg: Rc<Config>, submit: F, authenticate: A)
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Envelope) -> Fut,
     Fut: Future<Output = Stored>,
+    A: Fn(&str, &str, IpAddr) -> Login,
 {
     let host = printable(&cfg.hostname);
     let host = if host.is_empty() { "localhost".to_string() } else { host };
     let mut session = Session {
-        io: BufReader::with_capacity(READ_BUFFER, stream),
+        io: BufReader::with_capacity(READ_BUFFER, Conn::Plain(stream)),
         out: Vec::with_capacity(512),
         cfg,
         host,
@@ -127,10 +160,69 @@ where
         hello: None,
         tx: None,
         errors: 0,
+        login: None,
     };
     // An error here is the connection failing; there is nobody left to answer.
-    let _ = session.run(&submit).await;
+    let _ = session.run(&submit, &authenticate).await;
     let _ = timeout(Duration::from_secs(1), session.io.get_mut().shutdown()).await;
+}
+
+/// The connection: plain until STARTTLS.
+enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// While the handshake has it, or after it failed.
+    Gone,
+}
+
+impl<S> Conn<S> {
+    fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+
+    fn is_gone(&self) -> bool {
+        matches!(self, Conn::Gone)
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the connection is gone")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
 }
 
 struct Hello {
@@ -150,10 +242,12 @@ enum Next {
     Go,
     Quit,
     Data(Transaction),
+    StartTls,
+    Auth(String),
 }
 
 struct Session<S> {
-    io: BufReader<S>,
+    io: BufReader<Conn<S>>,
     /// Replies not yet written.
     out: Vec<u8>,
     cfg: Rc<Config>,
@@ -163,13 +257,16 @@ struct Session<S> {
     tx: Option<Transaction>,
     /// Failed commands in a row.
     errors: usize,
+    /// Submission: the identity `authenticate` gave for this session's AUTH.
+    login: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    async fn run<F, Fut>(&mut self, submit: &F) -> io::Result<()>
+    async fn run<F, Fut, A>(&mut self, submit: &F, authenticate: &A) -> io::Result<()>
     where
         F: Fn(Envelope) -> Fut,
         Fut: Future<Output = Stored>,
+        A: Fn(&str, &str, IpAddr) -> Login,
     {
         self.reply(&format!("220 {} ESMTP pg_email", self.host));
         let mut line = Vec::with_capacity(MAX_LINE);
@@ -196,12 +293,146 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             return Ok(());
                         }
                     }
+                    Next::StartTls => {
+                        if !self.start_tls().await? {
+                            return Ok(());
+                        }
+                    }
+                    Next::Auth(arg) => {
+                        if !self.auth(&arg, authenticate).await? {
+                            return Ok(());
+                        }
+                    }
                 },
             }
             if self.errors >= MAX_ERRORS {
                 self.reply(&format!("421 4.7.0 {} Error: too many errors", self.host));
                 return self.flush().await;
             }
+        }
+    }
+
+    /// After `220 Ready to start TLS`: drops whatever the client sent behind STARTTLS (it must
+    /// wait for the 220), then the handshake; the session starts over (RFC 3207: no EHLO, no
+    /// AUTH, no transaction is kept). False when the connection must end.
+    async fn start_tls(&mut self) -> io::Result<bool> {
+        self.flush().await?;
+        let Some(tls) = self.cfg.tls.clone() else { return Ok(false) };
+        let old = std::mem::replace(&mut self.io, BufReader::with_capacity(READ_BUFFER, Conn::Gone));
+        let Conn::Plain(stream) = old.into_inner() else { return Ok(false) };
+        let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+        match timeout(self.cfg.command_timeout, accept).await {
+            Ok(Ok(s)) => {
+                self.io = BufReader::with_capacity(READ_BUFFER, Conn::Tls(Box::new(s)));
+                self.hello = None;
+                self.tx = None;
+                self.login = None;
+                Ok(true)
+            }
+            // A failed or slow handshake leaves nothing to talk to.
+            _ => Ok(false),
+        }
+    }
+
+    /// AUTH PLAIN or LOGIN (RFC 4954, 4616), with or without an initial response. False when
+    /// the connection must end.
+    async fn auth<A>(&mut self, arg: &str, authenticate: &A) -> io::Result<bool>
+    where
+        A: Fn(&str, &str, IpAddr) -> Login,
+    {
+        if self.hello.is_none() {
+            self.fail("503 5.5.1 Error: send EHLO first");
+            return Ok(true);
+        }
+        if self.login.is_some() {
+            self.fail("503 5.5.1 Error: already authenticated");
+            return Ok(true);
+        }
+        if self.tx.is_some() {
+            self.fail("503 5.5.1 Error: AUTH is not allowed during a mail transaction");
+            return Ok(true);
+        }
+        if !self.io.get_ref().is_tls() && !self.peer.ip().is_loopback() {
+            self.fail("530 5.7.0 Must issue a STARTTLS command first");
+            return Ok(true);
+        }
+        let (mechanism, initial) = match arg.split_once(' ') {
+            Some((m, i)) => (m, Some(i.trim())),
+            None => (arg, None),
+        };
+        let credentials = match mechanism.to_ascii_uppercase().as_str() {
+            "PLAIN" => {
+                let response = match initial {
+                    Some(i) => Some(i.to_string()),
+                    None => self.challenge("334 ").await?,
+                };
+                response.map(|r| decode(&r).and_then(|b| plain(&b)))
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(i) => Some(i.to_string()),
+                    None => self.challenge("334 VXNlcm5hbWU6").await?,
+                };
+                match user.map(|u| decode(&u)) {
+                    None => None,
+                    Some(None) => Some(None),
+                    Some(Some(user)) => {
+                        self.challenge("334 UGFzc3dvcmQ6").await?.map(|p| decode(&p).map(|pass| (user, pass)))
+                    }
+                }
+                .map(|c| c.and_then(|(u, p)| Some((String::from_utf8(u).ok()?, String::from_utf8(p).ok()?))))
+            }
+            "" => {
+                self.fail("501 5.5.4 Syntax: AUTH mechanism");
+                return Ok(true);
+            }
+            _ => {
+                self.fail("504 5.5.4 Error: unsupported authentication mechanism; use PLAIN or LOGIN");
+                return Ok(true);
+            }
+        };
+        match credentials {
+            // The client went away, or was too slow.
+            _ if self.io.get_ref().is_gone() => Ok(false),
+            None => {
+                self.fail("501 5.7.0 Error: authentication cancelled");
+                Ok(true)
+            }
+            Some(None) => {
+                self.fail("501 5.5.2 Error: cannot decode the response");
+                Ok(true)
+            }
+            Some(Some((user, password))) => {
+                match authenticate(&user, &password, self.peer.ip()) {
+                    Login::Ok(identity) => {
+                        self.login = Some(identity);
+                        self.ok("235 2.7.0 Authentication successful");
+                    }
+                    Login::Wrong => self.fail("535 5.7.8 Error: authentication failed"),
+                    Login::Locked => self.fail("454 4.7.0 Error: too many failed authentications; try again later"),
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends a 334 challenge and reads the client's line: None when it cancels with `*`, or
+    /// when the connection ends or times out (the connection is then marked gone).
+    async fn challenge(&mut self, line: &str) -> io::Result<Option<String>> {
+        self.reply(line);
+        self.flush().await?;
+        let mut buf = Vec::with_capacity(MAX_LINE);
+        match timeout(self.cfg.command_timeout, read_command(&mut self.io, &mut buf)).await {
+            Ok(Ok(Input::Line)) => {
+                let text = String::from_utf8_lossy(strip_eol(&buf)).trim().to_string();
+                Ok((text != "*").then_some(text))
+            }
+            Ok(Ok(Input::TooLong)) => Ok(Some("!".into())),
+            Ok(Ok(Input::Eof)) | Err(_) => {
+                *self.io.get_mut() = Conn::Gone;
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(e),
         }
     }
 
@@ -261,6 +492,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Next::Quit;
             }
             "VRFY" => self.ok("252 2.5.2 Cannot VRFY a user; send some mail"),
+            "STARTTLS" if self.cfg.submission && self.cfg.tls.is_some() => {
+                if !arg.is_empty() {
+                    self.fail("501 5.5.4 Syntax: STARTTLS");
+                } else if self.io.get_ref().is_tls() {
+                    self.fail("503 5.5.1 Error: TLS already active");
+                } else {
+                    self.reply("220 2.0.0 Ready to start TLS");
+                    return Next::StartTls;
+                }
+            }
+            "AUTH" if self.cfg.submission => return Next::Auth(arg.to_string()),
             "STARTTLS" | "AUTH" | "BDAT" | "EXPN" | "HELP" | "ETRN" | "TURN" => {
                 self.fail("502 5.5.1 Error: command not implemented")
             }
@@ -273,6 +515,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if arg.is_empty() {
             return self.fail(&format!("501 5.5.4 Syntax: {verb} hostname"));
         }
+        if lmtp && self.cfg.submission {
+            return self.fail("500 5.5.2 Error: this is an SMTP submission service; use EHLO");
+        }
         let mut name = printable(arg);
         name.truncate(255);
         self.hello = Some(Hello { name, lmtp });
@@ -280,10 +525,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if verb == "HELO" {
             return self.ok(&format!("250 {}", self.host));
         }
-        let extensions = format!(
-            "250-{}\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES",
-            self.host, self.cfg.max_message_size
-        );
+        let mut extensions =
+            format!("250-{}\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-PIPELINING", self.host, self.cfg.max_message_size);
+        if self.cfg.submission {
+            let tls = self.io.get_ref().is_tls();
+            if self.cfg.tls.is_some() && !tls {
+                extensions.push_str("\r\n250-STARTTLS");
+            }
+            if tls || self.peer.ip().is_loopback() {
+                extensions.push_str("\r\n250-AUTH PLAIN LOGIN");
+            }
+        }
+        extensions.push_str("\r\n250 ENHANCEDSTATUSCODES");
         self.ok(&extensions);
     }
 
@@ -294,9 +547,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.tx.is_some() {
             return self.fail("503 5.5.1 Error: nested MAIL command");
         }
+        if self.cfg.submission && self.login.is_none() {
+            return self.fail("530 5.7.0 Authentication required");
+        }
         let Some((address, params)) = prefixed(arg, "FROM:").and_then(parse_path) else {
             return self.fail("501 5.5.4 Syntax: MAIL FROM:<address>");
         };
+        if self.cfg.submission && address.is_empty() {
+            return self.fail("501 5.1.7 Error: a submitted message needs a sender address");
+        }
         if !address.is_empty() && !valid_sender(address) {
             return self.fail("501 5.1.7 Error: bad sender address syntax");
         }
@@ -342,7 +601,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let key = param.split_once('=').map_or(param, |(k, _)| k);
             return self.fail(&format!("555 5.5.4 Error: unsupported parameter {}", printable(key)));
         }
-        if !self.cfg.accepts_domain(domain) {
+        if !self.cfg.submission && !self.cfg.accepts_domain(domain) {
             return self.fail(&format!("550 5.7.1 <{address}>: relay access denied"));
         }
         if count >= self.cfg.max_recipients {
@@ -397,10 +656,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             DataEnd::Eof => return Ok(false),
             DataEnd::TooBig => format!("552 5.3.4 Error: message size exceeds the fixed maximum of {limit} bytes"),
             DataEnd::Complete => {
-                let envelope =
-                    Envelope { mail_from: tx.mail_from, rcpt_to: tx.rcpt_to.clone(), raw, lmtp, helo, peer: self.peer };
+                let envelope = Envelope {
+                    mail_from: tx.mail_from,
+                    rcpt_to: tx.rcpt_to.clone(),
+                    raw,
+                    lmtp,
+                    helo,
+                    peer: self.peer,
+                    login: self.login.clone(),
+                };
                 match submit(envelope).await {
                     Stored::Ok => "250 2.0.0 Ok: stored".to_string(),
+                    Stored::Queued(id) => format!("250 2.0.0 Ok: queued as {id}"),
                     Stored::Failed => "451 4.3.0 Error: the message cannot be stored now; try again later".to_string(),
                     Stored::Refused(line) => refusal(&line),
                 }
@@ -551,6 +818,25 @@ fn append(raw: &mut Vec<u8>, bytes: &[u8], limit: usize) {
     raw.extend_from_slice(bytes);
 }
 
+/// A base64 SASL response (`=` alone is the empty response).
+fn decode(text: &str) -> Option<Vec<u8>> {
+    if text == "=" {
+        return Some(Vec::new());
+    }
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// The user and password of a PLAIN response (`authzid NUL authcid NUL passwd`); an authzid other
+/// than the user itself is refused.
+fn plain(response: &[u8]) -> Option<(String, String)> {
+    let mut parts = response.split(|&b| b == 0);
+    let (authzid, user, password) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || (!authzid.is_empty() && authzid != user) {
+        return None;
+    }
+    Some((String::from_utf8(user.to_vec()).ok()?, String::from_utf8(password.to_vec()).ok()?))
+}
+
 /// The line without its LF and a CR before it.
 fn strip_eol(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
@@ -672,7 +958,7 @@ fn printable(s: &str) -> String {
 fn refusal(line: &str) -> String {
     let line = printable(line.trim());
     let b = line.as_bytes();
-    if b.len() > 4 && b[0] == b'5' && b[1].is_ascii_digit() && b[2].is_ascii_digit() && b[3] == b' ' {
+    if b.len() > 4 && (b[0] == b'4' || b[0] == b'5') && b[1].is_ascii_digit() && b[2].is_ascii_digit() && b[3] == b' ' {
         line
     } else {
         format!("554 5.0.0 {line}")
@@ -708,7 +994,14 @@ mod tests {
             max_recipients: 100,
             command_timeout: Duration::from_secs(10),
             data_timeout: Duration::from_secs(10),
+            submission: false,
+            tls: None,
         }
+    }
+
+    /// Inbound mode never asks; submission tests pass their own.
+    fn no_login(_: &str, _: &str, _: IpAddr) -> Login {
+        Login::Wrong
     }
 
     fn peer() -> SocketAddr {
@@ -735,7 +1028,7 @@ mod tests {
         let (mut rd, mut wr) = tokio::io::split(client);
         let mut replies = Vec::new();
         tokio::join!(
-            serve(server, peer(), Rc::new(cfg), submit),
+            serve(server, peer(), Rc::new(cfg), submit, no_login),
             async {
                 // The server may close before reading everything (a timeout): that is not an error
                 // of the test.
@@ -808,7 +1101,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (seen, submit) = submitter(outcome);
         let client = Client { io: BufReader::new(client) };
-        tokio::join!(serve(server, peer(), Rc::new(cfg), submit), script(client));
+        tokio::join!(serve(server, peer(), Rc::new(cfg), submit, no_login), script(client));
         seen.take()
     }
 
@@ -840,6 +1133,7 @@ mod tests {
                 lmtp: false,
                 helo: "mta.example".into(),
                 peer: peer(),
+                login: None,
             }]
         );
     }

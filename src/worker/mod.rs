@@ -278,6 +278,9 @@ fn prepare(
     http: bool,
     dkim: Option<(&crate::dkim::Signers, bool)>,
 ) -> Result<(Outgoing, Option<crate::render::Parts>), String> {
+    if let Some(raw) = &job.raw {
+        return prepare_submitted(job, raw, links, http, dkim).map(|out| (out, None));
+    }
     let mut stored = rendered(job, templates, links)?;
     // What is written back to a template message's row is what it rendered to, before links
     // are signed (they differ per attempt only in nothing, but the row stays readable).
@@ -326,6 +329,58 @@ fn prepare(
         fields,
     };
     Ok((out, parts))
+}
+
+/// A message received by SMTP submission: its stored bytes as they are (Bcc already taken out,
+/// Message-ID and Date added when it was stored), DKIM signed for the domain of its From field,
+/// to the envelope recipients still pending.
+fn prepare_submitted(
+    job: &queue::Job,
+    raw: &Rc<Vec<u8>>,
+    links: Option<&Links>,
+    http: bool,
+    dkim: Option<(&crate::dkim::Signers, bool)>,
+) -> Result<Outgoing, String> {
+    if http {
+        return Err("a message received by SMTP submission is delivered as it was submitted, which takes an \
+                    smtp://, file:// or capture:// transport, not a provider's HTTP API"
+            .into());
+    }
+    let address = |a: &str| {
+        a.parse::<lettre::Address>()
+            .map(|a| crate::message::ascii_address(&a))
+            .map_err(|e| format!("the stored address {} is not valid: {e}", crate::message::show(a)))
+    };
+    let pending = job.pending.as_deref();
+    let to = job
+        .stored
+        .recipients
+        .iter()
+        .filter(|a| crate::message::is_pending(pending, a))
+        .map(|a| address(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let raw = match dkim.filter(|(s, _)| !s.is_empty()) {
+        Some((signers, ses)) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let from = crate::submission::from_address(raw).unwrap_or_default();
+            Rc::new(crate::dkim::sign(raw.to_vec(), signers.for_address(&from), ses, now))
+        }
+        None => raw.clone(),
+    };
+    let verp = links.and_then(|l| l.return_address(job.id, single_recipient(&job.stored), false));
+    let from = match verp {
+        Some(v) => address(&v)?,
+        None => address(&job.stored.sender)?,
+    };
+    Ok(Outgoing {
+        id: job.id,
+        attempt: job.attempt,
+        from,
+        to,
+        raw,
+        message_id: job.stored.message_id.clone(),
+        fields: None,
+    })
 }
 
 impl Worker {

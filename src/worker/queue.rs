@@ -50,6 +50,8 @@ pub struct Job {
     pub tags: Vec<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub track: Track,
+    /// A message received by SMTP submission: delivered as these bytes (DKIM signed), not built.
+    pub raw: Option<std::rc::Rc<Vec<u8>>>,
 }
 
 /// What a message asked for, resolved at enqueue: tracking and a List-Unsubscribe header.
@@ -137,6 +139,7 @@ fn job(row: &SpiHeapTupleData) -> Job {
             clicks: flag(row, "track_clicks"),
             list_unsubscribe: flag(row, "list_unsubscribe"),
         },
+        raw: row.get_by_name::<Vec<u8>, _>("raw").ok().flatten().map(std::rc::Rc::new),
     }
 }
 

@@ -19,6 +19,9 @@ PORT = int(os.environ.get("E2E_PORT", "5499"))
 LISTEN_PORT = PORT + 11
 LISTEN_URL = f"http://127.0.0.1:{LISTEN_PORT}"
 INBOUND_PORT = PORT + 12  # the listener's SMTP/LMTP service (bounce, complaint and reply mail)
+# The listener's SMTP submission service, on every interface so that a test can connect from an
+# address that is not loopback (STARTTLS is then required before AUTH).
+SUBMISSION_PORT = PORT + 13
 CLUSTER_DIR = os.path.join(E2E_DIR, "pg")
 CLUSTER_SH = os.path.join(ROOT, "scripts", "cluster.sh")
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -35,6 +38,7 @@ CONF = [
     "log_min_messages = info",
     f"pg_email.listen_address = '127.0.0.1:{LISTEN_PORT}'",
     f"pg_email.inbound_address = '127.0.0.1:{INBOUND_PORT}'",
+    f"pg_email.submission_address = '0.0.0.0:{SUBMISSION_PORT}'",
 ]
 
 
