@@ -535,6 +535,8 @@ REVOKE ALL ON FUNCTION email.ingest_message(bytea, text[], text) FROM PUBLIC;
 
 -- Deliverability and consent: DKIM keys, topics and subscriptions, erasure.
 ALTER TABLE email.messages ADD COLUMN topic text;
+-- Messages received by SMTP submission keep their MIME (email.messages.raw).
+ALTER TABLE email.messages ADD COLUMN raw bytea;
 -- DKIM keys: the public half. A message from a domain (or a subdomain of one) with a key is
 -- signed with the newest key of each algorithm.
 CREATE TABLE email.dkim_keys (
@@ -1548,9 +1550,6 @@ COMMENT ON TABLE email.webhook_secrets IS 'The signing secret of each webhook; r
 COMMENT ON TABLE email.webhook_deliveries IS 'One row per event to deliver to a webhook, queued in the transaction that stored the event: queued, sent or failed.';
 COMMENT ON FUNCTION email.add_webhook IS 'Registers or replaces an outbound webhook (enabled again) and returns its Standard Webhooks signing secret (generated when none is given).';
 COMMENT ON FUNCTION email.remove_webhook IS 'Removes a webhook and its deliveries; true if it existed.';
-
--- Messages received by SMTP submission keep their MIME.
-ALTER TABLE email.messages ADD COLUMN raw bytea;
 
 -- API keys of the HTTP send API and SMTP submission. Each maps to a role, as which its requests
 -- run; only the SHA-256 of a key is kept, in the owner-only email.api_key_hashes.

@@ -296,7 +296,10 @@ impl Smtp {
             }
             Err(b) => return Err(b),
         }
-        match self.bounded("the reply to the message", conn.message(&m.raw)).await {
+        // lettre ends the data with CRLF "." CRLF itself: a message that already ends with a line
+        // end (a submitted one always does) would gain an empty last line.
+        let data = m.raw.strip_suffix(b"\r\n").unwrap_or(&m.raw);
+        match self.bounded("the reply to the message", conn.message(data)).await {
             Ok(resp) => {
                 let text = resp.message().collect::<Vec<_>>().join(" ");
                 let provider_id =

@@ -484,6 +484,66 @@ def test_sendgrid_node_sdk_end_to_end_personalizations_and_sandbox(db, keys, pos
 
 
 # ---------------------------------------------------------------------------------------------
+# Every SDK's own errors: a wrong key and a rate limit
+
+
+MINIMAL = {
+    "resend": {"from": "sender@example.test", "to": "alice@example.test", "subject": "s", "text": "t"},
+    "postmark": {"From": "sender@example.test", "To": "alice@example.test", "Subject": "s", "TextBody": "t"},
+    "sendgrid": {"from": "sender@example.test", "to": "alice@example.test", "subject": "s", "text": "t"},
+}
+
+
+def sdk_error(sdk, key):
+    """What each SDK raises (or returns) for a message refused with `key`: (kind, status)."""
+    if sdk == "resend-py":
+        resend = resend_py(key)
+        try:
+            resend.Emails.send(MINIMAL["resend"])
+        except resend.exceptions.ResendError as e:
+            return type(e).__name__, int(e.code)
+        raise AssertionError("the Resend SDK did not raise")
+    if sdk == "postmarker":
+        from postmarker.exceptions import ClientError
+        try:
+            postmarker_client(key).emails.send(**MINIMAL["postmark"])
+        except ClientError as e:
+            return f"ClientError {e.error_code}", e.__cause__.response.status_code
+        raise AssertionError("postmarker did not raise")
+    provider = {"resend-node": "resend", "postmark-node": "postmark", "sendgrid-node": "sendgrid"}[sdk]
+    r = node(provider, "send", key, MINIMAL[provider])
+    assert r["ok"] is False, show(r)
+    return (r["name"] if provider == "resend" else r["exception"]), int(r["statusCode"])
+
+
+SDKS = ["resend-py", "resend-node", "postmarker", "postmark-node", "sendgrid-node"]
+WRONG_KEY = {"resend-py": ("InvalidApiKeyError", 403), "resend-node": ("invalid_api_key", 403),
+             "postmarker": ("ClientError 10", 401), "postmark-node": ("InvalidAPIKeyError", 401),
+             "sendgrid-node": ("ResponseError", 401)}
+RATE_LIMITED = {"resend-py": ("RateLimitError", 429), "resend-node": ("rate_limit_exceeded", 429),
+                "postmarker": None, "postmark-node": ("RateLimitExceededError", 429),
+                "sendgrid-node": ("ResponseError", 429)}
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+def test_each_sdk_raises_its_own_error_for_a_wrong_key_and_a_rate_limit(db, keys, sdk):
+    wrong = "pge_" + "x" * 43
+    assert sdk_error(sdk, wrong) == WRONG_KEY[sdk]
+    # A key allowed one request an hour: an empty request spends it, the SDK's call is then 429.
+    name = f"sendapi-rl-{sdk}"
+    db.all("DELETE FROM email.api_keys WHERE name = %s", name)
+    key = db.val("SELECT email.create_api_key(%s, 'sendapi_alice', rate => '1/h')", name)
+    wait_until(lambda: knows(key), "the listener to know the new key", SLOW, 0.2)
+    kind, status = sdk_error(sdk, key)
+    assert status == 429, (kind, status)
+    if RATE_LIMITED[sdk]:
+        assert (kind, status) == RATE_LIMITED[sdk]
+    else:
+        assert kind.startswith("ClientError"), kind
+    db.all("DELETE FROM email.api_keys WHERE name = %s", name)
+
+
+# ---------------------------------------------------------------------------------------------
 # Roles, rates and abuse
 
 

@@ -73,7 +73,7 @@ ORDER BY 1
 # Each table's rows as text, minus columns the update is allowed to change.
 TABLES = {
     # Columns 0.2.0 added (NULL on old rows) are left out: the rows must keep what they had.
-    "messages": "SELECT string_agg((to_jsonb(t) - 'request_hash' - 'track_opens' - 'track_clicks' - 'list_unsubscribe' - 'topic')::text, E'\\n' ORDER BY id) FROM email.messages t",
+    "messages": "SELECT string_agg((to_jsonb(t) - 'request_hash' - 'track_opens' - 'track_clicks' - 'list_unsubscribe' - 'topic' - 'raw')::text, E'\\n' ORDER BY id) FROM email.messages t",
     "receipts": "SELECT string_agg(concat_ws('|', id, message_id, event, transport, recipient, response), E'\\n' ORDER BY id) FROM email.receipts",
     "attachments": "SELECT string_agg(t::text, E'\\n' ORDER BY message_id, position) FROM email.attachments t",
     "templates": "SELECT string_agg(t::text, E'\\n' ORDER BY name) FROM email.templates t",

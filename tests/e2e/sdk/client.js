@@ -4,7 +4,8 @@
 //    "call": "send" | "batch" | "template" | "template_batch", "message": {...} | [...], "options": {...}}
 // and prints one JSON line: {"ok": true, "result": ...} or {"ok": false, "exception", "name",
 // "message", "statusCode", "own"} (whatever the SDK raised or returned as its error).
-// Nodemailer: "message" is its message object, "options" {"secure": false, "ca": "<pem>", "user", "pass"}.
+// Nodemailer: "message" is its message object, "options" {"host", "localAddress", "requireTLS", "ignoreTLS",
+// "ca": "<pem>", "user", "pass", "method"}.
 const sdk = (name) => require(name);
 
 function errorInfo(e) {
@@ -50,14 +51,15 @@ async function nodemailer(req) {
   const nm = sdk('nodemailer');
   const o = req.options || {};
   const transport = nm.createTransport({
-    host: '127.0.0.1', port: req.port, secure: false, requireTLS: !!o.requireTLS, ignoreTLS: !!o.ignoreTLS,
+    host: o.host || '127.0.0.1', port: req.port, localAddress: o.localAddress, name: o.name || 'client.test',
+    secure: false, requireTLS: !!o.requireTLS, ignoreTLS: !!o.ignoreTLS,
     auth: o.user ? { user: o.user, pass: o.pass, method: o.method } : undefined,
     tls: o.ca ? { ca: o.ca, servername: 'localhost' } : { rejectUnauthorized: false },
     connectionTimeout: 30000, greetingTimeout: 30000, socketTimeout: 60000,
   });
   const info = await transport.sendMail(req.message);
   transport.close();
-  return { ok: true, result: { messageId: info.messageId, response: info.response, accepted: info.accepted, rejected: info.rejected } };
+  return { ok: true, result: { messageId: info.messageId, response: info.response, accepted: info.accepted, rejected: info.rejected, envelope: info.envelope } };
 }
 
 async function main() {
