@@ -52,16 +52,16 @@ fn may_send(role: &str) -> bool {
 /// repeated idempotency key), or the first call that failed. A dry run checks everything and
 /// keeps nothing.
 pub fn store(role: &str, calls: &[Call], dry_run: bool) -> Result<Vec<i64>, NotSent> {
-    if !may_send(role) {
-        return Err(NotSent {
-            index: 0,
-            sqlstate: ROLE_UNUSABLE.into(),
-            message: format!("role {} may not execute email.send", crate::message::show(role)),
-        });
-    }
     let at = Cell::new(0usize);
     let mut ids = Vec::with_capacity(calls.len());
     let done = crate::subxact::run_coded(|| {
+        if !may_send(role) {
+            crate::api::raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("role {} may not execute email.send", crate::message::show(role)),
+                None,
+            )
+        }
         for (i, call) in calls.iter().enumerate() {
             at.set(i);
             ids.push(send_one(role, call));

@@ -617,6 +617,31 @@ def test_smtplib_over_starttls_is_stored_and_delivered_as_submitted(db, keys, po
     check_copies(copies(postfix, subject, len(rcpts)), rcpts, message_id, stored_raw)
 
 
+def test_submitted_mail_is_dkim_signed_for_its_from_domain(db, keys, postfix):
+    """A DKIM key for the From domain: the copy Postfix delivers carries one signature that dkimpy
+    verifies (with a stand-in DNS serving the TXT value email.add_dkim_key returned), and a
+    changed body byte fails it; the stored message itself stays unsigned."""
+    from test_dkim import Keys, assert_fails, assert_verifies, change_body_byte, only_signature
+    d = f"subm{uuid.uuid4().hex[:8]}.example"
+    subject = unique("dkim")
+    raw = simple_message(subject, sender=f"news@{d}", to="alice@example.test", body=b"Signed as submitted.\r\n")
+    with Keys(db) as dk:
+        dk.add(d, "sub1")
+        with smtp(own_loopback()) as s:
+            s.ehlo()
+            s.login("subm-alice", keys["alice"])
+            refused = s.sendmail(f"news@{d}", ["alice@example.test"], raw)
+        assert not refused, refused
+        mid = db.val("SELECT id FROM email.messages WHERE subject = %s", subject)
+        assert mid, "the submitted message is not stored"
+        assert b"DKIM-Signature" not in bytes(db.val("SELECT raw FROM email.messages WHERE id = %s", mid))
+        [(delivered, _)] = copies(postfix, subject, 1)
+        sig = only_signature(delivered)
+        assert (sig["d"], sig["s"]) == (d, "sub1"), sig
+        assert_verifies(delivered, dk.dns)
+        assert_fails(change_body_byte(delivered), dk.dns, why="body hash mismatch")
+
+
 @pytest.mark.parametrize("method", ["PLAIN", "LOGIN"])
 def test_nodemailer_over_starttls_keeps_its_message_id_and_bcc_stays_in_the_envelope(db, keys, postfix, tls,
                                                                                       remote_ip, method):
