@@ -219,12 +219,18 @@ pub fn parse_mailbox(field: &str, input: &str) -> Result<Mailbox, FieldError> {
 /// by single spaces, and quoted otherwise (lettre's own form drops doubled spaces on the way
 /// back).
 pub fn mailbox_text(mb: &Mailbox) -> String {
-    let Some(name) = mb.name.as_deref().filter(|n| !n.trim().is_empty()) else {
-        return mb.email.to_string();
+    mailbox_of(mb.name.as_deref(), mb.email.as_ref())
+}
+
+/// `email`, `Name <email>`, or `"Doe, Jane" <email>` when the name is more than words of RFC 5322
+/// atext (quotes and backslashes escaped): a mailbox as `email.send` reads it back.
+pub fn mailbox_of(name: Option<&str>, email: &str) -> String {
+    let Some(name) = name.filter(|n| !n.trim().is_empty()) else {
+        return email.to_string();
     };
     let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
     if name.split(' ').all(|w| !w.is_empty() && w.chars().all(atext)) {
-        return format!("{name} <{}>", mb.email);
+        return format!("{name} <{email}>");
     }
     let mut quoted = String::with_capacity(name.len() + 2);
     quoted.push('"');
@@ -235,7 +241,7 @@ pub fn mailbox_text(mb: &Mailbox) -> String {
         quoted.push(c);
     }
     quoted.push('"');
-    format!("{quoted} <{}>", mb.email)
+    format!("{quoted} <{email}>")
 }
 
 /// The lower-cased bare address, as stored in `email.suppressions`.

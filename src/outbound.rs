@@ -272,7 +272,7 @@ pub fn rfc5322_date(unix_secs: f64) -> String {
 
 /// The proleptic Gregorian date of a day number (days since 1970-01-01), after Howard
 /// Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097); // day of the 400-year era, 0..=146096

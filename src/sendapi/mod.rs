@@ -775,41 +775,8 @@ pub(crate) fn check_address(field: &str, email: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// A mailbox as `email.send` reads it: `addr`, `Name <addr>`, or `"Doe, Jane" <addr>` when the
-/// name is more than words of RFC 5322 atext (quotes and backslashes escaped).
-pub(crate) fn mailbox(name: Option<&str>, email: &str) -> String {
-    let Some(name) = name.filter(|n| !n.trim().is_empty()) else {
-        return email.to_string();
-    };
-    let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
-    if name.split(' ').all(|w| !w.is_empty() && w.chars().all(atext)) {
-        return format!("{name} <{email}>");
-    }
-    let mut quoted = String::with_capacity(name.len() + 2);
-    quoted.push('"');
-    for c in name.chars() {
-        if c == '"' || c == '\\' {
-            quoted.push('\\');
-        }
-        quoted.push(c);
-    }
-    quoted.push('"');
-    format!("{quoted} <{email}>")
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
+/// A mailbox as `email.send` reads it (pg_email's one way of writing one).
+pub(crate) use crate::message::mailbox_of as mailbox;
 
 /// The latest Unix time accepted (9999-12-31T23:59:59Z).
 pub(crate) const MAX_UNIX: i64 = 253_402_300_799;
@@ -819,7 +786,7 @@ pub(crate) fn rfc3339_from_unix(secs: i64) -> Option<String> {
     if !(0..=MAX_UNIX).contains(&secs) {
         return None;
     }
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let (y, m, d) = crate::outbound::civil_from_days(secs.div_euclid(86_400));
     let s = secs.rem_euclid(86_400);
     Some(format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60))
 }
