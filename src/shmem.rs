@@ -101,6 +101,8 @@ pub struct RateSlot {
 pub struct Shared {
     /// Set by a committing backend, cleared by the worker that claims.
     pub pending: AtomicBool,
+    /// Webhook deliveries were queued (set with `pending`'s latch): the workers claim them.
+    pub hooks_pending: AtomicBool,
     pub slots: [Slot; MAX_WORKERS],
     /// The listener worker: `sent` counts events stored, `failed` requests refused (4xx),
     /// `deferred` requests answered 503, `in_flight` open connections.
@@ -165,10 +167,21 @@ pub fn rate_slot(key: u64) -> Option<&'static AtomicU64> {
     None
 }
 
-/// Sets the pending flag and every live worker's latch.
-pub fn wake_workers() {
+/// Sets the pending flags (mail, webhook deliveries) and every live worker's latch (for mail
+/// only when `claim_mail`: not while pg_email.paused is on).
+pub fn wake_workers(mail: bool, hooks: bool, claim_mail: bool) {
     let Some(shared) = shared() else { return };
-    shared.pending.store(true, Ordering::Release);
+    if mail {
+        shared.pending.store(true, Ordering::Release);
+    }
+    if hooks {
+        shared.hooks_pending.store(true, Ordering::Release);
+    }
+    // Paused workers claim no mail: only webhook deliveries are worth waking them for (the
+    // flag above is seen at their next tick or wake-up).
+    if !hooks && !claim_mail {
+        return;
+    }
     for slot in &shared.slots {
         let latch = slot.latch.load(Ordering::Acquire);
         if latch != 0 {

@@ -4,7 +4,8 @@
 //! transaction would pile up (pg_net's fault).
 //!
 //! The flags:
-//! - mail was queued: at commit the workers are woken (shared-memory latch), at abort nothing;
+//! - mail (or webhook deliveries) was queued: at commit the workers are woken (shared-memory
+//!   flags and latch), at abort nothing;
 //! - configuration changed (transports, suppressions): the shared generation is bumped again
 //!   when the transaction ends, so a cache filled before the change became visible is dropped;
 //! - a secret is being handled (`add_transport`): an ERROR raised meanwhile hides its statement
@@ -18,6 +19,7 @@ use pgrx::prelude::*;
 use crate::shmem;
 
 static QUEUED_IN_XACT: AtomicBool = AtomicBool::new(false);
+static HOOKS_QUEUED_IN_XACT: AtomicBool = AtomicBool::new(false);
 static CONFIG_CHANGED_IN_XACT: AtomicBool = AtomicBool::new(false);
 static HANDLING_SECRET: AtomicBool = AtomicBool::new(false);
 static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
@@ -25,6 +27,13 @@ static CALLBACK_REGISTERED: AtomicBool = AtomicBool::new(false);
 /// Remembers that this transaction queued mail: the workers are woken when it commits.
 pub fn mark_queued() {
     QUEUED_IN_XACT.store(true, Ordering::Relaxed);
+    ensure_callback();
+}
+
+/// Remembers that this transaction queued webhook deliveries: the workers are woken to claim them
+/// when it commits (apart from mail, so queued mail does not make them look for deliveries).
+pub fn mark_hooks_queued() {
+    HOOKS_QUEUED_IN_XACT.store(true, Ordering::Relaxed);
     ensure_callback();
 }
 
@@ -70,7 +79,9 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     if CONFIG_CHANGED_IN_XACT.swap(false, Ordering::Relaxed) {
         shmem::bump_config_generation();
     }
-    if QUEUED_IN_XACT.swap(false, Ordering::Relaxed) && committed {
-        shmem::wake_workers();
+    let mail = QUEUED_IN_XACT.swap(false, Ordering::Relaxed);
+    let hooks = HOOKS_QUEUED_IN_XACT.swap(false, Ordering::Relaxed);
+    if committed && (mail || hooks) {
+        shmem::wake_workers(mail, hooks, !crate::gucs::paused());
     }
 }

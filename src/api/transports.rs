@@ -35,7 +35,7 @@ fn _config_changed() {
 /// the transaction commits, as for queued mail.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _wake_workers() {
-    crate::xact::mark_queued();
+    crate::xact::mark_hooks_queued();
 }
 
 // The previous hook is Postgres C code; the call goes through pg_guard_ffi_boundary, which turns

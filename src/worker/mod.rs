@@ -482,6 +482,11 @@ impl Worker {
             }
             if shmem::shared().is_some_and(|s| s.pending.swap(false, Ordering::AcqRel)) {
                 maybe_due = true;
+            }
+            // Mail and webhook deliveries are woken for apart: a commit that queued only mail
+            // costs the workers no claim of deliveries (measured: with it, 4 sessions queueing
+            // single messages got 0.4 of a plain INSERT's rate).
+            if shmem::shared().is_some_and(|s| s.hooks_pending.swap(false, Ordering::AcqRel)) {
                 self.hooks.maybe_due = true;
             }
 
