@@ -1127,6 +1127,53 @@ def bench_submission():
     reset()
 
 
+def bench_insert():
+    log("20. enqueue TPS, pgbench 4 clients, INSERT INTO email.messages")
+    ours_sql = ("\\set id random(1, 1000000)\n"
+                "INSERT INTO email.messages (recipients, subject, body, transport) "
+                f"VALUES (ARRAY['user' || :id || '@example.org'], 'Hello', '{BODY_1K}', 'sink');\n")
+    plain = ("\\set id random(1, 1000000)\n"
+             "INSERT INTO bench.plain (status, transport, sender, recipients, subject, body, message_id, created_by) "
+             f"VALUES ('queued', 'sink', 'Bench <bench@example.org>', ARRAY['user' || :id || '@example.org'], 'Hello', '{BODY_1K}', "
+             "'<' || gen_random_uuid() || '@example.org>', current_user);\n")
+    ours, base = [], []
+    for _ in range(REPS):
+        reset()
+        ours.append(pgbench(ours_sql))
+        reset()
+        base.append(pgbench(plain))
+    o, b = statistics.median(ours), statistics.median(base)
+    record(20, "enqueue, pgbench 4 clients, INSERT INTO email.messages 1 recipient 1 KB", round(o), "tx/s", round(b),
+           round(o / b, 2), "ratio ≥ 0.85", o / b >= 0.85)
+
+
+def bench_insert_bulk():
+    n = 100_000
+    ours_sql = ("INSERT INTO email.messages (recipients, subject, body, transport) "
+                f"SELECT ARRAY['user' || i || '@example.org'], 'Hello', '{BODY_1K}', 'sink' FROM generate_series(1, {n}) i")
+    plain = ("INSERT INTO bench.plain (status, transport, sender, recipients, subject, body, message_id, created_by) "
+             f"SELECT 'queued', 'sink', 'Bench <bench@example.org>', ARRAY['user' || i || '@example.org'], 'Hello', '{BODY_1K}', "
+             f"'<' || gen_random_uuid() || '@example.org>', current_user FROM generate_series(1, {n}) i")
+    for row, suppressed, target in [(21, 0, 0.70), (22, 10, 0.65)]:
+        log(f"{row}. bulk INSERT INTO email.messages … SELECT 100,000, {suppressed} % suppressed")
+        sql("TRUNCATE email.suppressions")
+        if suppressed:
+            sql(f"INSERT INTO email.suppressions (address) SELECT 'user' || i || '@example.org' FROM generate_series(1, {n}, {100 // suppressed}) i")
+        ours, base = [], []
+        for _ in range(REPS):
+            reset()
+            ours.append(n / timed(ours_sql))
+            if suppressed:
+                got = val("SELECT count(*) FROM email.messages WHERE status = 'suppressed'")
+                assert got == n * suppressed // 100, got
+            reset()
+            base.append(n / timed(plain))
+        o, b = statistics.median(ours), statistics.median(base)
+        record(row, f"bulk INSERT INTO email.messages … SELECT generate_series(1, 100000), {suppressed} % suppressed",
+               round(o), "rows/s", round(b), round(o / b, 2), f"ratio ≥ {target:.2f}", o / b >= target)
+    sql("TRUNCATE email.suppressions")
+
+
 def main():
     global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT, SUBMISSION_PORT
     os.makedirs(DIR, exist_ok=True)
@@ -1156,7 +1203,7 @@ def main():
                                 bench_queue_size, bench_rss, bench_templates, bench_pixel, bench_webhooks,
                                 bench_inbound, bench_verp, bench_topic, bench_dkim,
                                 bench_dkim_ed25519, bench_outbound, bench_stats, bench_send_api,
-                                bench_submission], 1):
+                                bench_submission, bench_insert, bench_insert_bulk], 1):
             if not only or str(n) in only:
                 fn()
     finally:

@@ -1208,9 +1208,55 @@ COMMENT ON FUNCTION email._stats_messages_deleted() IS 'Takes deleted messages o
 COMMENT ON FUNCTION email._stats_truncated() IS 'Empties the email.stats rollup when the receipts are truncated.';
 COMMENT ON FUNCTION email._stats_rebuild() IS 'Computes the email.stats rollup again from email.messages and email.receipts; returns how many messages are counted.';
 
+-- INSERT INTO email.messages is an API beside email.send: the triggers apply email.send's rules
+-- to each row (see src/api/insert.rs). Named to sort after a user's own BEFORE triggers, so
+-- those can fill columns the rules then check.
+CREATE TRIGGER zz_pg_email_statement BEFORE INSERT ON email.messages
+    FOR EACH STATEMENT EXECUTE FUNCTION email._messages_statement_start();
+CREATE TRIGGER zz_pg_email_rules BEFORE INSERT ON email.messages
+    FOR EACH ROW EXECUTE FUNCTION email._messages_insert();
+CREATE TRIGGER zz_pg_email_receipts AFTER INSERT ON email.messages
+    FOR EACH STATEMENT EXECUTE FUNCTION email._messages_statement_end();
+COMMENT ON FUNCTION email._messages_insert() IS 'BEFORE INSERT on email.messages: validates the row as email.send validates its arguments, fills the columns email.send fills, drops suppressed and unsubscribed recipients; skips a row that repeats an idempotency key with the same content.';
+COMMENT ON FUNCTION email._messages_statement_start() IS 'BEFORE INSERT on email.messages, per statement: starts counting the statement''s rows (a long statement reads the suppression list once).';
+COMMENT ON FUNCTION email._messages_statement_end() IS 'AFTER INSERT on email.messages, per statement: writes the statement''s ''suppressed'' receipts.';
+
+-- What sending takes, in one call: email.send and email.send_template, INSERT on the columns a
+-- message is made of, SELECT on the outbox and its receipts (row-level security shows a role
+-- its own mail only).
+CREATE FUNCTION email.grant_send(role name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = grant_send.role) THEN
+        RAISE EXCEPTION 'role % does not exist', coalesce(quote_literal(role), 'NULL') USING ERRCODE = '42704';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA email TO %I', role);
+    -- email._is_finished is in an outbox index's predicate, which an INSERT evaluates.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished TO %I', role);
+    EXECUTE format('GRANT INSERT (recipients, cc, bcc, sender, reply_to, subject, body, html, template, data, '
+                   'headers, tags, metadata, priority, send_at, idempotency_key, transport, topic, track_opens, '
+                   'track_clicks, list_unsubscribe) ON email.messages TO %I', role);
+    EXECUTE format('GRANT SELECT ON email.messages, email.receipts, email.attachments TO %I', role);
+END $$;
+-- And takes it back.
+CREATE FUNCTION email.revoke_send(role name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = revoke_send.role) THEN
+        RAISE EXCEPTION 'role % does not exist', coalesce(quote_literal(role), 'NULL') USING ERRCODE = '42704';
+    END IF;
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished FROM %I', role);
+    EXECUTE format('REVOKE INSERT, SELECT ON email.messages FROM %I', role);
+    EXECUTE format('REVOKE SELECT ON email.receipts, email.attachments FROM %I', role);
+END $$;
+COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages, SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
+COMMENT ON FUNCTION email.revoke_send(name) IS 'Takes back what email.grant_send granted (but USAGE on schema email, which other grants may need).';
+
 -- Row-level security: a role other than the owner sees only what it queued.
 ALTER TABLE email.messages ENABLE ROW LEVEL SECURITY;
 CREATE POLICY messages_own ON email.messages FOR SELECT USING (created_by = current_user);
+-- and can store mail under its own name only (INSERT INTO email.messages).
+CREATE POLICY messages_insert_own ON email.messages FOR INSERT WITH CHECK (created_by = current_user);
 ALTER TABLE email.receipts ENABLE ROW LEVEL SECURITY;
 CREATE POLICY receipts_own ON email.receipts FOR SELECT
     USING (EXISTS (SELECT 1 FROM email.messages m WHERE m.id = receipts.message_id));

@@ -1647,6 +1647,61 @@ COMMENT ON FUNCTION email.create_api_key IS 'Creates an API key for role (rate: 
 COMMENT ON FUNCTION email.revoke_api_key IS 'Deletes an API key; the listener refuses it from its next request. True if it existed.';
 COMMENT ON FUNCTION email._api_keys_used IS 'Internal: the listener notes when keys were last used.';
 
+-- INSERT INTO email.messages as an API (the trigger functions are in the library).
+CREATE FUNCTION email."_messages_insert"() RETURNS TRIGGER
+LANGUAGE c AS 'MODULE_PATHNAME', '_messages_insert_wrapper';
+CREATE FUNCTION email."_messages_statement_start"() RETURNS TRIGGER
+LANGUAGE c AS 'MODULE_PATHNAME', '_messages_statement_start_wrapper';
+CREATE FUNCTION email."_messages_statement_end"() RETURNS TRIGGER
+LANGUAGE c AS 'MODULE_PATHNAME', '_messages_statement_end_wrapper';
+
+-- INSERT INTO email.messages is an API beside email.send: the triggers apply email.send's rules
+-- to each row (see src/api/insert.rs). Named to sort after a user's own BEFORE triggers, so
+-- those can fill columns the rules then check.
+CREATE TRIGGER zz_pg_email_statement BEFORE INSERT ON email.messages
+    FOR EACH STATEMENT EXECUTE FUNCTION email._messages_statement_start();
+CREATE TRIGGER zz_pg_email_rules BEFORE INSERT ON email.messages
+    FOR EACH ROW EXECUTE FUNCTION email._messages_insert();
+CREATE TRIGGER zz_pg_email_receipts AFTER INSERT ON email.messages
+    FOR EACH STATEMENT EXECUTE FUNCTION email._messages_statement_end();
+COMMENT ON FUNCTION email._messages_insert() IS 'BEFORE INSERT on email.messages: validates the row as email.send validates its arguments, fills the columns email.send fills, drops suppressed and unsubscribed recipients; skips a row that repeats an idempotency key with the same content.';
+COMMENT ON FUNCTION email._messages_statement_start() IS 'BEFORE INSERT on email.messages, per statement: starts counting the statement''s rows (a long statement reads the suppression list once).';
+COMMENT ON FUNCTION email._messages_statement_end() IS 'AFTER INSERT on email.messages, per statement: writes the statement''s ''suppressed'' receipts.';
+
+-- What sending takes, in one call: email.send and email.send_template, INSERT on the columns a
+-- message is made of, SELECT on the outbox and its receipts (row-level security shows a role
+-- its own mail only).
+CREATE FUNCTION email.grant_send(role name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = grant_send.role) THEN
+        RAISE EXCEPTION 'role % does not exist', coalesce(quote_literal(role), 'NULL') USING ERRCODE = '42704';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA email TO %I', role);
+    -- email._is_finished is in an outbox index's predicate, which an INSERT evaluates.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished TO %I', role);
+    EXECUTE format('GRANT INSERT (recipients, cc, bcc, sender, reply_to, subject, body, html, template, data, '
+                   'headers, tags, metadata, priority, send_at, idempotency_key, transport, topic, track_opens, '
+                   'track_clicks, list_unsubscribe) ON email.messages TO %I', role);
+    EXECUTE format('GRANT SELECT ON email.messages, email.receipts, email.attachments TO %I', role);
+END $$;
+-- And takes it back.
+CREATE FUNCTION email.revoke_send(role name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
+    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = revoke_send.role) THEN
+        RAISE EXCEPTION 'role % does not exist', coalesce(quote_literal(role), 'NULL') USING ERRCODE = '42704';
+    END IF;
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished FROM %I', role);
+    EXECUTE format('REVOKE INSERT, SELECT ON email.messages FROM %I', role);
+    EXECUTE format('REVOKE SELECT ON email.receipts, email.attachments FROM %I', role);
+END $$;
+COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages, SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
+COMMENT ON FUNCTION email.revoke_send(name) IS 'Takes back what email.grant_send granted (but USAGE on schema email, which other grants may need).';
+CREATE POLICY messages_insert_own ON email.messages FOR INSERT WITH CHECK (created_by = current_user);
+REVOKE ALL ON FUNCTION email._messages_insert(), email._messages_statement_start(), email._messages_statement_end(),
+    email.grant_send(name), email.revoke_send(name) FROM PUBLIC;
+
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();
 

@@ -18,6 +18,7 @@ use crate::message::{show, FieldError};
 pub mod admin;
 pub mod dkim;
 pub mod events;
+mod insert;
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
 mod probe;

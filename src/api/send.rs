@@ -30,7 +30,7 @@ const SUPPRESSED_ONE: &str = include_str!("../../sql/api/suppressed_one.sql");
 const TOPIC: &str = include_str!("../../sql/api/topic.sql");
 const INSERT_MESSAGE: &str = include_str!("../../sql/api/insert_message.sql");
 const INSERT_MESSAGE_ONCE: &str = include_str!("../../sql/api/insert_message_once.sql");
-const MESSAGE_BY_KEY: &str = include_str!("../../sql/api/message_by_key.sql");
+pub(super) const MESSAGE_BY_KEY: &str = include_str!("../../sql/api/message_by_key.sql");
 const INSERT_ATTACHMENT: &str = include_str!("../../sql/api/insert_attachment.sql");
 const RECORD_SUPPRESSED: &str = include_str!("../../sql/api/record_suppressed.sql");
 const TEMPLATE_VERSION: &str = include_str!("../../sql/api/template_version.sql");
@@ -63,7 +63,7 @@ pub(crate) struct Track {
 
 impl Track {
     /// The resolved flags; a flag that is on needs a URL for the links.
-    fn resolve(self, topic: bool) -> [bool; 3] {
+    pub(super) fn resolve(self, topic: bool) -> [bool; 3] {
         let url = gucs::public_url().is_some();
         let flags = [
             self.opens.unwrap_or_else(gucs::track_opens),
@@ -84,18 +84,30 @@ impl Track {
     }
 }
 
-fn limits() -> draft::Limits {
+pub(super) fn limits() -> draft::Limits {
     draft::Limits { max_recipients: gucs::max_recipients(), max_message_size: gucs::max_message_size() }
 }
 
 /// What this backend knows about a transport, and whether any suppression exists: read once
 /// per configuration generation instead of once per message.
-struct Route {
-    name: String,
+pub(super) struct Route {
+    pub name: String,
     /// smtp, file, capture, or a provider's name.
-    kind: String,
-    sender: Option<String>,
-    any_suppressed: bool,
+    pub kind: String,
+    pub sender: Option<String>,
+    pub any_suppressed: bool,
+}
+
+/// The cached route for `transport`, when the cache is current (no database access).
+pub(super) fn cached_route(transport: Option<&str>) -> Option<Rc<Route>> {
+    let generation = crate::shmem::config_generation();
+    ROUTES.with(|r| {
+        let r = r.borrow();
+        if r.0 != generation || generation == 0 {
+            return None;
+        }
+        r.1.get(&transport.map(str::to_string)).cloned()
+    })
 }
 
 /// Transport lookups by the name a call gave (None: the default), with the configuration
@@ -110,7 +122,7 @@ thread_local! {
 }
 
 /// Whether a topic is subscribed by default; raises 42704 when it does not exist.
-fn topic_default(client: &mut SpiClient, topic: &str) -> bool {
+pub(super) fn topic_default(client: &mut SpiClient, topic: &str) -> bool {
     let generation = crate::shmem::config_generation();
     let cached = TOPICS.with(|t| {
         let mut t = t.borrow_mut();
@@ -136,7 +148,7 @@ fn topic_default(client: &mut SpiClient, topic: &str) -> bool {
 
 /// The transport a call uses (its own, or the default), from the cache when it is current;
 /// raises 42704 when there is none.
-fn lookup_route(client: &mut SpiClient, transport: Option<&str>) -> Rc<Route> {
+pub(super) fn lookup_route(client: &mut SpiClient, transport: Option<&str>) -> Rc<Route> {
     // Read the generation before the tables: a change committed meanwhile bumps it again.
     let generation = crate::shmem::config_generation();
     let key = transport.map(str::to_string);
@@ -187,11 +199,13 @@ pub(crate) fn dropped(
     topic: Option<(&str, bool)>,
     bare: &[String],
 ) -> Vec<(String, String)> {
-    fn listed(list: Vec<String>, why: &str) -> impl Iterator<Item = (String, String)> + '_ {
-        list.into_iter().map(move |a| (a, why.to_string()))
-    }
-    let mut out: Vec<(String, String)> =
-        if any_suppressed { listed(suppressed(client, bare), ON_THE_LIST).collect() } else { Vec::new() };
+    let listed_ones = if any_suppressed { suppressed(client, bare) } else { Vec::new() };
+    dropped_given(listed_ones, topic, bare)
+}
+
+/// `dropped` with the suppressed ones among `bare` already known (`suppressed`).
+pub(super) fn dropped_given(suppressed: Vec<String>, topic: Option<(&str, bool)>, bare: &[String]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = suppressed.into_iter().map(|a| (a, ON_THE_LIST.to_string())).collect();
     if let Some((topic, default)) = topic {
         for a in bare {
             if !out.iter().any(|(d, _)| d == a) && !super::probe::subscribed(a, topic).unwrap_or(default) {
@@ -205,7 +219,7 @@ pub(crate) fn dropped(
 const ON_THE_LIST: &str = "recipient is on the suppression list";
 
 /// Which of the bare addresses are on the suppression list.
-fn suppressed(client: &mut SpiClient, bare: &[String]) -> Vec<String> {
+pub(super) fn suppressed(client: &mut SpiClient, bare: &[String]) -> Vec<String> {
     let found = match bare {
         [one] => run_prepared(client, SUPPRESSED_ONE, Some(1), &[one.as_str().into()]),
         _ => run_prepared(client, SUPPRESSED_AMONG, Some(1), &[bare.to_vec().into()]),
@@ -214,7 +228,7 @@ fn suppressed(client: &mut SpiClient, bare: &[String]) -> Vec<String> {
 }
 
 /// The sender: the call's, else the transport's `from=`, else `pg_email.default_sender`.
-fn resolve_sender(r: &Routing, route: &Route) -> Mailbox {
+pub(super) fn resolve_sender(r: &Routing, route: &Route) -> Mailbox {
     let text = r.sender.map(str::to_string).or_else(|| route.sender.clone()).or_else(gucs::default_sender);
     match text {
         Some(s) => message::parse_mailbox("sender", &s).unwrap_or_else(|e| invalid(e)),
@@ -226,17 +240,17 @@ fn resolve_sender(r: &Routing, route: &Route) -> Mailbox {
 }
 
 /// The recipient lists (to, cc, bcc) that are stored.
-struct Kept {
-    lists: [Vec<Mailbox>; 3],
+pub(super) struct Kept {
+    pub lists: [Vec<Mailbox>; 3],
     /// Every recipient was suppressed: the lists stay whole, so the row says who it was for.
-    all_suppressed: bool,
+    pub all_suppressed: bool,
     /// The one recipient, dropped, and why: its receipt is written with the row, in one
     /// statement instead of two.
-    receipt: Option<(String, String)>,
+    pub receipt: Option<(String, String)>,
 }
 
 /// The recipient lists without dropped addresses.
-fn drop_suppressed(c: &Checked, dropped: &[(String, String)]) -> Kept {
+pub(super) fn drop_suppressed(c: &Checked, dropped: &[(String, String)]) -> Kept {
     let keep = |list: &[Mailbox]| -> Vec<Mailbox> {
         list.iter().filter(|m| !dropped.iter().any(|(a, _)| *a == message::bare_address(m))).cloned().collect()
     };
@@ -340,14 +354,7 @@ fn insert_message(
         };
         let stored: Option<String> = row.get_by_name("request_hash").ok().flatten();
         if stored.is_some() && stored != request_hash {
-            raise(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!(
-                    "invalid idempotency_key: {} was already used for message {id} with different content",
-                    message::show(key)
-                ),
-                Some("Repeat a call with exactly the same arguments, or use a new key for a different message."),
-            )
+            different_content(key, id)
         }
         return Err(id);
     }
@@ -360,8 +367,17 @@ fn insert_message(
         .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "INSERT returned no id", None))
 }
 
+/// Refuses an idempotency key that message `id` used with other content.
+pub(super) fn different_content(key: &str, id: i64) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("invalid idempotency_key: {} was already used for message {id} with different content", message::show(key)),
+        Some("Repeat a call with exactly the same arguments, or use a new key for a different message."),
+    )
+}
+
 /// The fingerprint of a call's content: every argument but the idempotency key.
-fn call_fingerprint(d: &draft::Draft, r: &Routing) -> String {
+pub(super) fn call_fingerprint(d: &draft::Draft, r: &Routing) -> String {
     // Template mail: the subject was rendered from the template, not given by the call.
     let subject = if r.template.is_some() { None } else { d.subject };
     let send_at = r.send_at.map(|t| t.into_inner());
@@ -653,7 +669,7 @@ pub(crate) fn enqueue_template(
 }
 
 /// The current version of a stored template, if it exists.
-fn template_version(name: &str) -> Option<i32> {
+pub(super) fn template_version(name: &str) -> Option<i32> {
     Spi::get_one_with_args::<i32>(TEMPLATE_VERSION, &[name.into()]).unwrap_or_else(|e| match e {
         pgrx::spi::SpiError::InvalidPosition => None,
         e => spi_failed(e),

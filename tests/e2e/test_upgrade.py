@@ -189,6 +189,13 @@ def test_an_updated_database_works(databases):
     old.all("ALTER EXTENSION pg_email UPDATE")
     mid = old.val("SELECT email.send(recipients => 'b@x.org', subject => 'after', body => 'b', sender => 'me@x.org')")
     assert old.val("SELECT status::text FROM email.messages WHERE id = %s", mid) == "queued"
+    # INSERT INTO email.messages is an API after the update: checked and filled like email.send.
+    ins = old.val("INSERT INTO email.messages (recipients, subject, body, sender) "
+                  "VALUES (ARRAY['C@X.org'], 'inserted', 'b', 'me@x.org') RETURNING id")
+    assert old.one("SELECT status::text, recipients, message_id LIKE '%%@x.org>' FROM email.messages WHERE id = %s", ins) == (
+        "queued", ["C@X.org"], True)
+    code, _ = old.error("INSERT INTO email.messages (recipients, subject, body) VALUES (ARRAY['a@x.org, b@x.org'], 's', 'b')")
+    assert code == "22023"
     # The template upsert that failed on 0.1.0 records one new version.
     upsert = ("INSERT INTO email.templates (name, subject, body) VALUES ('welcome', 'Hi {{ name }}', %s) "
               "ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body")
