@@ -82,6 +82,8 @@ const WORKER_NULL: [C; 10] = [
 /// Where each column is in the relation's tuples (0-based), and the `email.status` values.
 struct Layout {
     rel: pg_sys::Oid,
+    /// The descriptor's attribute count when read: a column added since reads it again.
+    natts: i32,
     at: Vec<usize>,
     queued: pg_sys::Datum,
     suppressed: pg_sys::Datum,
@@ -121,6 +123,8 @@ impl SuppressionSet {
 /// How a statement looks suppressions up.
 enum Lookup {
     Probe,
+    /// The list is too long to hold: probe every row.
+    ProbeOnly,
     Set(Rc<SuppressionSet>),
 }
 
@@ -280,9 +284,9 @@ fn as_owner<R>(owner: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
 }
 
 fn layout(rel: pg_sys::Relation, owner: pg_sys::Oid) -> Rc<Layout> {
-    // SAFETY: the trigger's relation is open for the call.
-    let oid = unsafe { (*rel).rd_id };
-    if let Some(l) = LAYOUT.with(|l| l.borrow().clone()).filter(|l| l.rel == oid) {
+    // SAFETY: the trigger's relation and its descriptor are open for the call.
+    let (oid, natts) = unsafe { ((*rel).rd_id, (*(*rel).rd_att).natts) };
+    if let Some(l) = LAYOUT.with(|l| l.borrow().clone()).filter(|l| l.rel == oid && l.natts == natts) {
         return l;
     }
     // SAFETY: as above; the descriptor is only read here.
@@ -303,7 +307,7 @@ fn layout(rel: pg_sys::Relation, owner: pg_sys::Oid) -> Rc<Layout> {
             (get("queued"), get("suppressed"))
         })
     });
-    let l = Rc::new(Layout { rel: oid, at, queued: queued.into(), suppressed: suppressed.into() });
+    let l = Rc::new(Layout { rel: oid, natts, at, queued: queued.into(), suppressed: suppressed.into() });
     LAYOUT.with(|c| *c.borrow_mut() = Some(l.clone()));
     l
 }
@@ -465,7 +469,7 @@ fn suppressed_among(client: &mut pgrx::spi::SpiClient, bare: &[String]) -> Vec<S
         match &frame.lookup {
             Lookup::Set(s) => Some(Some(s.clone())),
             Lookup::Probe if frame.rows > PROBED_ROWS => Some(None),
-            Lookup::Probe => None,
+            Lookup::Probe | Lookup::ProbeOnly => None,
         }
     });
     let set = match set {
@@ -485,8 +489,8 @@ fn suppressed_among(client: &mut pgrx::spi::SpiClient, bare: &[String]) -> Vec<S
     }
 }
 
-/// The suppression list, when it is at most `MAX_SET` long. Otherwise the statement keeps
-/// probing (and stops asking: `rows` is reset so it asks again after another PROBED_ROWS).
+/// The suppression list, when it is at most `MAX_SET` long. Otherwise the statement probes
+/// every row (and does not ask again).
 fn load_set(client: &mut pgrx::spi::SpiClient) -> Option<Rc<SuppressionSet>> {
     let found = run_prepared(client, SUPPRESSION_SET, Some(1), &[MAX_SET.into()]);
     let row = found.first();
@@ -494,7 +498,7 @@ fn load_set(client: &mut pgrx::spi::SpiClient) -> Option<Rc<SuppressionSet>> {
     let Some(addresses) = addresses else {
         FRAMES.with(|f| {
             if let Some(frame) = f.borrow_mut().last_mut() {
-                frame.rows = 0;
+                frame.lookup = Lookup::ProbeOnly;
             }
         });
         return None;
