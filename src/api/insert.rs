@@ -57,11 +57,45 @@ macro_rules! columns {
 }
 
 columns!(
-    id, status, transport, sender, recipients, cc, bcc, reply_to, subject, body, html, template,
-    template_version, data, headers, tags, metadata, priority, send_at, idempotency_key, message_id,
-    provider_message_id, attempts, next_attempt_at, lease_until, claimed_by, pending_recipients,
-    attachment_count, last_error, created_at, created_by, sent_at, updated_at, request_hash,
-    track_opens, track_clicks, list_unsubscribe, topic, raw,
+    id,
+    status,
+    transport,
+    sender,
+    recipients,
+    cc,
+    bcc,
+    reply_to,
+    subject,
+    body,
+    html,
+    template,
+    template_version,
+    data,
+    headers,
+    tags,
+    metadata,
+    priority,
+    send_at,
+    idempotency_key,
+    message_id,
+    provider_message_id,
+    attempts,
+    next_attempt_at,
+    lease_until,
+    claimed_by,
+    pending_recipients,
+    attachment_count,
+    last_error,
+    created_at,
+    created_by,
+    sent_at,
+    updated_at,
+    request_hash,
+    track_opens,
+    track_clicks,
+    list_unsubscribe,
+    topic,
+    raw,
 );
 
 /// Columns only pg_email writes (besides `created_by`, which must name the inserting role, and
@@ -295,7 +329,13 @@ fn layout(rel: pg_sys::Relation, owner: pg_sys::Oid) -> Rc<Layout> {
         .iter()
         .map(|name| {
             desc.iter().find(|a| !a.is_dropped() && a.name() == *name).map(|a| a.attnum as usize - 1).unwrap_or_else(
-                || raise(PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN, format!("email.messages has no column {name}"), None),
+                || {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                        format!("email.messages has no column {name}"),
+                        None,
+                    )
+                },
             )
         })
         .collect();
@@ -320,7 +360,8 @@ fn current_role() -> (pg_sys::Oid, String) {
     if let Some(known) = ROLE.with(|r| r.borrow().clone()).filter(|(o, _)| *o == oid) {
         return known;
     }
-    let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, false)) }.to_string_lossy().into_owned();
+    let name =
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, false)) }.to_string_lossy().into_owned();
     ROLE.with(|r| *r.borrow_mut() = Some((oid, name.clone())));
     (oid, name)
 }
@@ -526,7 +567,11 @@ fn _messages_insert<'a>(
     let privileged = role_oid == owner || unsafe { pg_sys::superuser() };
     let layout = layout(rel, owner);
     // SAFETY: tg_trigtuple is the row being inserted, rd_att its descriptor.
-    if privileged && !unsafe { pg_sys::heap_attisnull(td.tg_trigtuple, layout.at[C::message_id as usize] as i32 + 1, (*rel).rd_att) } {
+    if privileged
+        && !unsafe {
+            pg_sys::heap_attisnull(td.tg_trigtuple, layout.at[C::message_id as usize] as i32 + 1, (*rel).rd_att)
+        }
+    {
         // Stored mail (email.send's own INSERT, a restore): nothing to check or fill.
         return Ok(trigger.new());
     }

@@ -204,7 +204,11 @@ pub(crate) fn dropped(
 }
 
 /// `dropped` with the suppressed ones among `bare` already known (`suppressed`).
-pub(super) fn dropped_given(suppressed: Vec<String>, topic: Option<(&str, bool)>, bare: &[String]) -> Vec<(String, String)> {
+pub(super) fn dropped_given(
+    suppressed: Vec<String>,
+    topic: Option<(&str, bool)>,
+    bare: &[String],
+) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = suppressed.into_iter().map(|a| (a, ON_THE_LIST.to_string())).collect();
     if let Some((topic, default)) = topic {
         for a in bare {
@@ -371,7 +375,10 @@ fn insert_message(
 pub(super) fn different_content(key: &str, id: i64) -> ! {
     raise(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        format!("invalid idempotency_key: {} was already used for message {id} with different content", message::show(key)),
+        format!(
+            "invalid idempotency_key: {} was already used for message {id} with different content",
+            message::show(key)
+        ),
         Some("Repeat a call with exactly the same arguments, or use a new key for a different message."),
     )
 }
