@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make demo: a throwaway cluster with the worker, mail queued by email.send and by a trigger,
-# delivered through the default local transport (file:// into demo-out/), then the receipts.
+# make demo: a throwaway cluster with the worker, mail queued by email.send, by a trigger and by
+# an INSERT into the outbox, delivered through the default local transport (file:// into
+# demo-out/), then the receipts.
 # SMTP_DSN=smtp://... make demo sends through that SMTP server instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,10 @@ SELECT email.send(recipients => 'Ada <ada@example.org>, bob@example.org',
                   html => '<p>The numbers are <b>in</b>.</p>',
                   headers => '{"X-Campaign": "q3"}') AS queued_id;
 INSERT INTO users (name, email) VALUES ('Grace', 'grace@example.org'), ('Linus', 'linus@example.org');
+-- The outbox is an INSERT target too: the same rules as email.send, a row per message.
+INSERT INTO email.messages (recipients, subject, body, tags)
+SELECT ARRAY[format('%s <%s>', u.name, u.email)], 'Your first week', 'Tips for getting started.', ARRAY['onboarding']
+FROM users u;
 COMMIT;
 
 BEGIN;  -- rolled back: this mail is never sent
