@@ -2,7 +2,8 @@
 //! insert one outbox row (and its attachments) in the caller's transaction. Nothing here touches
 //! the network; the worker is woken when that transaction commits. The rules that need no
 //! database live in `crate::draft`; this module adds what needs one (transport, suppressions,
-//! idempotency) and stores the result.
+//! idempotency) and stores the result. Its steps are shared with `insert.rs`, which applies them
+//! to rows inserted into `email.messages` directly.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
