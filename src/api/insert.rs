@@ -559,6 +559,13 @@ fn _messages_insert<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
     let td = trigger.trigger_data();
+    if td.tg_trigtuple.is_null() || td.tg_relation.is_null() {
+        raise(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "email._messages_insert must be a BEFORE INSERT trigger FOR EACH ROW on email.messages",
+            None,
+        )
+    }
     let rel = td.tg_relation;
     // SAFETY: a row trigger's relation is open for the call.
     let owner = unsafe { (*(*rel).rd_rel).relowner };

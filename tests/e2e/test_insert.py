@@ -356,3 +356,19 @@ def test_three_thousand_hostile_rows_never_crash_the_server(api):
                         OR (cardinality(recipients) = 0 AND cc IS NULL AND bcc IS NULL) OR EXISTS (SELECT 1 FROM unnest(recipients) r WHERE r LIKE '%%,%%' AND r NOT LIKE '\"%%')""")
     assert bad == [], bad[:5]
     assert api.val("SELECT count(*) FROM email.messages WHERE recipients = ARRAY['a@x.test'] AND status <> 'suppressed'") == 0
+
+
+def test_the_row_trigger_refuses_to_run_anywhere_else(api):
+    api.all("DROP TABLE IF EXISTS public.not_the_outbox")
+    api.all("CREATE TABLE public.not_the_outbox (x int)")
+    try:
+        api.all("CREATE TRIGGER t BEFORE INSERT ON public.not_the_outbox FOR EACH STATEMENT EXECUTE FUNCTION email._messages_insert()")
+        code, msg = api.error("INSERT INTO public.not_the_outbox VALUES (1)")
+        assert code == "39P01" and "FOR EACH ROW" in msg, msg
+        api.all("DROP TRIGGER t ON public.not_the_outbox")
+        api.all("CREATE TRIGGER t BEFORE INSERT ON public.not_the_outbox FOR EACH ROW EXECUTE FUNCTION email._messages_insert()")
+        code, msg = api.error("INSERT INTO public.not_the_outbox VALUES (1)")
+        assert code == "42703", msg
+        assert api.val("SELECT count(*) FROM public.not_the_outbox") == 0
+    finally:
+        api.all("DROP TABLE public.not_the_outbox")
