@@ -372,3 +372,45 @@ def test_the_row_trigger_refuses_to_run_anywhere_else(api):
         assert api.val("SELECT count(*) FROM public.not_the_outbox") == 0
     finally:
         api.all("DROP TABLE public.not_the_outbox")
+
+
+def test_two_sessions_inserting_one_new_key_the_second_waits_then_gets_23505(api):
+    import threading
+    import time
+
+    first = connect("api", autocommit=False)
+    second = connect("api", autocommit=False)
+    try:
+        with first.cursor() as c:
+            c.execute("INSERT INTO email.messages (recipients, subject, body, idempotency_key) VALUES (ARRAY['a@x.org'], 's', 'b', 'race')")
+            with second.cursor() as c2:
+                c2.execute("SELECT pg_backend_pid()")
+                pid = c2.fetchone()[0]
+        result = {}
+
+        def insert_again():
+            try:
+                with second.cursor() as c2:
+                    c2.execute("INSERT INTO email.messages (recipients, subject, body, idempotency_key) VALUES (ARRAY['a@x.org'], 's', 'b', 'race')")
+                second.commit()
+                result["ok"] = True
+            except psycopg2.Error as e:
+                second.rollback()
+                result["code"] = e.pgcode
+
+        t = threading.Thread(target=insert_again)
+        t.start()
+        deadline = time.monotonic() + 60
+        while api.val("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", pid) != "Lock":
+            assert time.monotonic() < deadline, "the second INSERT never waited"
+            time.sleep(0.02)
+        first.commit()
+        t.join(60)
+        assert result == {"code": "23505"}, result
+        assert api.val("SELECT count(*) FROM email.messages WHERE idempotency_key = 'race'") == 1
+        # Once the first is committed, the same row again is skipped without error.
+        assert api.all("INSERT INTO email.messages (recipients, subject, body, idempotency_key) "
+                       "VALUES (ARRAY['a@x.org'], 's', 'b', 'race') RETURNING id") == []
+    finally:
+        first.close()
+        second.close()
