@@ -1227,8 +1227,9 @@ COMMENT ON FUNCTION email._messages_statement_end() IS 'AFTER INSERT on email.me
 CREATE FUNCTION email.grant_send(role name) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
 BEGIN
-    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = grant_send.role) THEN
-        RAISE EXCEPTION 'role % does not exist', coalesce(quote_literal(role), 'NULL') USING ERRCODE = '42704';
+    -- An unknown role is refused by GRANT itself (42704, naming it).
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'invalid role: NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA email TO %I', role);
     -- email._is_finished is in an outbox index's predicate, which an INSERT evaluates.
@@ -1242,8 +1243,9 @@ END $$;
 CREATE FUNCTION email.revoke_send(role name) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
 BEGIN
-    IF role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = revoke_send.role) THEN
-        RAISE EXCEPTION 'role % does not exist', coalesce(quote_literal(role), 'NULL') USING ERRCODE = '42704';
+    -- An unknown role is refused by GRANT itself (42704, naming it).
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'invalid role: NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     EXECUTE format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished FROM %I', role);
     EXECUTE format('REVOKE INSERT, SELECT ON email.messages FROM %I', role);

@@ -179,7 +179,7 @@ thread_local! {
     static LAYOUT: RefCell<Option<Rc<Layout>>> = const { RefCell::new(None) };
     static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
     /// The inserting role's name, by oid.
-    static ROLE: RefCell<Option<(pg_sys::Oid, String)>> = const { RefCell::new(None) };
+    static ROLE: RefCell<Option<(pg_sys::Oid, Rc<str>)>> = const { RefCell::new(None) };
 }
 
 static CALLBACKS: AtomicBool = AtomicBool::new(false);
@@ -353,15 +353,15 @@ fn layout(rel: pg_sys::Relation, owner: pg_sys::Oid) -> Rc<Layout> {
 }
 
 /// The role a row is inserted as (current_user) and its name.
-fn current_role() -> (pg_sys::Oid, String) {
+fn current_role() -> (pg_sys::Oid, Rc<str>) {
     // SAFETY: GetUserId reads backend state; GetUserNameFromId (noerr false) returns a palloc'd
     // NUL-terminated name or raises an ERROR; the name is copied at once.
     let oid = unsafe { pg_sys::GetUserId() };
     if let Some(known) = ROLE.with(|r| r.borrow().clone()).filter(|(o, _)| *o == oid) {
         return known;
     }
-    let name =
-        unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, false)) }.to_string_lossy().into_owned();
+    let name: Rc<str> =
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(oid, false)) }.to_string_lossy().into();
     ROLE.with(|r| *r.borrow_mut() = Some((oid, name.clone())));
     (oid, name)
 }
@@ -498,59 +498,52 @@ fn one_mailbox_each(field: &str, elements: usize, parsed: &[Mailbox]) {
     }
 }
 
-/// The suppressed ones among `bare`, by the statement's way of looking them up.
-fn suppressed_among(client: &mut pgrx::spi::SpiClient, bare: &[String]) -> Vec<String> {
-    let set = FRAMES.with(|f| {
+/// Runs `work` on the current statement's frame (a statement whose BEFORE STATEMENT trigger did
+/// not run, should there be one, gets a frame here).
+fn with_frame<R>(work: impl FnOnce(&mut Frame) -> R) -> R {
+    FRAMES.with(|f| {
         let mut frames = f.borrow_mut();
         if frames.is_empty() {
             frames.push(new_frame());
         }
-        let frame = frames.last_mut().expect("a frame");
+        let last = frames.len() - 1;
+        work(&mut frames[last])
+    })
+}
+
+/// The suppressed ones among `bare`, by the statement's way of looking them up.
+fn suppressed_among(client: &mut pgrx::spi::SpiClient, bare: &[String]) -> Vec<String> {
+    let (set, load) = with_frame(|frame| {
         frame.rows += 1;
         match &frame.lookup {
-            Lookup::Set(s) => Some(Some(s.clone())),
-            Lookup::Probe if frame.rows > PROBED_ROWS => Some(None),
-            Lookup::Probe | Lookup::ProbeOnly => None,
+            Lookup::Set(s) => (Some(s.clone()), false),
+            Lookup::Probe => (None, frame.rows > PROBED_ROWS),
+            Lookup::ProbeOnly => (None, false),
         }
     });
-    let set = match set {
-        None => None,
-        Some(Some(s)) => Some(s),
-        Some(None) => load_set(client).inspect(|s| {
-            FRAMES.with(|f| {
-                if let Some(frame) = f.borrow_mut().last_mut() {
-                    frame.lookup = Lookup::Set(s.clone());
-                }
-            })
-        }),
-    };
-    match set {
+    match if load { load_set(client) } else { set } {
         Some(s) => bare.iter().filter(|a| s.holds(a)).cloned().collect(),
         None => send::suppressed(client, bare),
     }
 }
 
-/// The suppression list, when it is at most `MAX_SET` long. Otherwise the statement probes
-/// every row (and does not ask again).
+/// The suppression list, when it is at most `MAX_SET` long, kept for the rest of the
+/// statement; otherwise the statement probes every row (and does not ask again).
 fn load_set(client: &mut pgrx::spi::SpiClient) -> Option<Rc<SuppressionSet>> {
     let found = run_prepared(client, SUPPRESSION_SET, Some(1), &[MAX_SET.into()]);
     let row = found.first();
     let addresses: Option<Vec<String>> = row.get_by_name("addresses").ok().flatten();
-    let Some(addresses) = addresses else {
-        FRAMES.with(|f| {
-            if let Some(frame) = f.borrow_mut().last_mut() {
-                frame.lookup = Lookup::ProbeOnly;
-            }
-        });
-        return None;
-    };
-    let salt: Option<Vec<u8>> = row.get_by_name("salt").ok().flatten();
-    let forgotten: Vec<String> = row.get_by_name("forgotten").ok().flatten().unwrap_or_default();
-    Some(Rc::new(SuppressionSet {
-        addresses: addresses.into_iter().collect(),
-        salt,
-        forgotten: forgotten.into_iter().collect(),
-    }))
+    let set = addresses.map(|addresses| {
+        let salt: Option<Vec<u8>> = row.get_by_name("salt").ok().flatten();
+        let forgotten: Vec<String> = row.get_by_name("forgotten").ok().flatten().unwrap_or_default();
+        Rc::new(SuppressionSet {
+            addresses: addresses.into_iter().collect(),
+            salt,
+            forgotten: forgotten.into_iter().collect(),
+        })
+    });
+    with_frame(|frame| frame.lookup = set.clone().map_or(Lookup::ProbeOnly, Lookup::Set));
+    set
 }
 
 /// BEFORE INSERT FOR EACH ROW on email.messages: `email.send`'s rules for the row.
@@ -605,12 +598,7 @@ fn _messages_insert<'a>(
     fill.write(&mut row);
     let id = row.datum(C::id).value() as i64;
     if !fill.dropped.is_empty() {
-        FRAMES.with(|f| {
-            let mut frames = f.borrow_mut();
-            if frames.is_empty() {
-                frames.push(new_frame());
-            }
-            let frame = frames.last_mut().expect("a frame");
+        with_frame(|frame| {
             for (who, why) in fill.bare.iter().filter_map(|b| fill.dropped.iter().find(|(a, _)| a == b)) {
                 frame.ids.push(id);
                 frame.transports.push(fill.transport.clone());
