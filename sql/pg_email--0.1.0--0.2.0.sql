@@ -242,7 +242,7 @@ ALTER TABLE email.receipts
     ADD COLUMN provider_event_id text,
     ADD COLUMN payload jsonb;
 UPDATE email.receipts SET source = 'api' WHERE event IN ('suppressed', 'cancelled');
-CREATE UNIQUE INDEX receipts_provider_event ON email.receipts (transport, provider_event_id)
+CREATE UNIQUE INDEX receipts_provider_event ON email.receipts (message_id, transport, provider_event_id)
     WHERE provider_event_id IS NOT NULL;
 CREATE INDEX messages_provider_message_id ON email.messages (provider_message_id)
     WHERE provider_message_id IS NOT NULL;
@@ -343,7 +343,7 @@ BEGIN
                r.provider_event_id, r.payload
         FROM rows r
         WHERE r.mid IS NOT NULL AND r.event <> 'unknown'
-        ON CONFLICT (transport, provider_event_id) WHERE provider_event_id IS NOT NULL DO NOTHING
+        ON CONFLICT (message_id, transport, provider_event_id) WHERE provider_event_id IS NOT NULL DO NOTHING
         RETURNING message_id, event, recipient, bounce_type, source
     ), suppressed AS (
         INSERT INTO email.suppressions (address, reason, message_id)
@@ -367,7 +367,7 @@ BEGIN
         WHERE i.event = 'unsubscribed' AND i.recipient IS NOT NULL
         ORDER BY i.recipient, m.topic
         ON CONFLICT ON CONSTRAINT subscriptions_pkey
-        DO UPDATE SET subscribed = false, updated_at = now(), source = excluded.source
+        DO UPDATE SET subscribed = false, updated_at = excluded.updated_at, source = excluded.source
     ), delivered AS (
         UPDATE email.messages m SET status = 'delivered', updated_at = now()
         WHERE m.id IN (SELECT i.message_id FROM ins i WHERE i.event = 'delivered') AND m.status = 'sent'
@@ -639,7 +639,7 @@ BEGIN
     INSERT INTO email.subscriptions AS s (address, topic, subscribed, updated_at, source)
     VALUES (a, _set_subscription.topic, _set_subscription.subscribed, now(), 'api')
     ON CONFLICT ON CONSTRAINT subscriptions_pkey
-    DO UPDATE SET subscribed = excluded.subscribed, updated_at = now(), source = 'api';
+    DO UPDATE SET subscribed = excluded.subscribed, updated_at = excluded.updated_at, source = 'api';
 END $$;
 
 -- Subscribes an address to a topic.
@@ -879,6 +879,8 @@ REVOKE ALL ON FUNCTION email._wake_workers() FROM PUBLIC;
 -- none on rollback. pg_email.notify = off stops them.
 CREATE FUNCTION email._receipts_stored() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    hooks jsonb;
 BEGIN
     IF current_setting('pg_email.notify', true)::boolean IS NOT FALSE THEN
         PERFORM pg_notify('email_events',
@@ -886,11 +888,18 @@ BEGIN
         FROM stored s
         ORDER BY s.id;
     END IF;
-    -- One delivery per receipt and enabled webhook that wants its event.
+    -- One delivery per receipt and enabled webhook that wants its event. The webhooks are read
+    -- apart from the transition table: on Citus (email.distribute) this trigger runs on a shard
+    -- of the receipts, where a query may join a transition table with local tables only.
+    SELECT jsonb_agg(jsonb_build_object('name', w.name, 'events', w.events)) INTO hooks
+    FROM email.webhooks w WHERE w.enabled;
+    IF hooks IS NULL THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO email.webhook_deliveries (webhook, receipt_id)
     SELECT w.name, s.id
     FROM stored s
-    JOIN email.webhooks w ON w.enabled AND (w.events IS NULL OR s.event = ANY (w.events))
+    JOIN jsonb_to_recordset(hooks) AS w(name text, events text[]) ON w.events IS NULL OR s.event = ANY (w.events)
     ORDER BY s.id, w.name;
     IF FOUND THEN
         PERFORM email._wake_workers();
@@ -1703,6 +1712,111 @@ COMMENT ON FUNCTION email.revoke_send(name) IS 'Takes back what email.grant_send
 CREATE POLICY messages_insert_own ON email.messages FOR INSERT WITH CHECK (created_by = current_user);
 REVOKE ALL ON FUNCTION email._messages_insert(), email._messages_statement_start(), email._messages_statement_end(),
     email.grant_send(name), email.revoke_send(name) FROM PUBLIC;
+
+-- Scale-out on Citus (README "Scaling out with Citus"). Run once on the coordinator, after the
+-- worker nodes are added, also with mail queued (it is kept and delivered): the outbox becomes
+-- hash-distributed on id, with receipts, attachments and captured co-located with it (each
+-- message's rows on one node, whose worker sends it); the configuration becomes reference tables
+-- (a copy on every node); the bookkeeping of each node's own work (webhook deliveries, inbound
+-- mail, unmatched events, the statistics rollup) stays local to that node. Every node's
+-- sequences get a range of their own (group id << 48), as Citus gives its own tables. One-way:
+-- Citus cannot undistribute tables an extension owns.
+CREATE FUNCTION email.distribute(shard_count integer DEFAULT NULL) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    -- What Citus cannot distribute, made so on every node (the tables are created by CREATE
+    -- EXTENSION on each node, and Citus does not send DDL on an extension's local tables):
+    -- unique indexes must include the distribution column, child-table policies cannot hold a
+    -- subquery, a local table cannot reference a distributed one, and reference tables get
+    -- their foreign keys back once all are reference tables. Written to run twice.
+    prepare constant text := $ddl$
+        DROP INDEX IF EXISTS email.messages_idempotency_key;
+        ALTER TABLE email.inbound DROP CONSTRAINT IF EXISTS inbound_message_id_fkey;
+        ALTER TABLE email.webhook_deliveries DROP CONSTRAINT IF EXISTS webhook_deliveries_receipt_id_fkey,
+                                             DROP CONSTRAINT IF EXISTS webhook_deliveries_webhook_fkey;
+        ALTER TABLE email.receipts DROP CONSTRAINT IF EXISTS receipts_pkey, ADD PRIMARY KEY (message_id, id);
+        ALTER TABLE email.captured DROP CONSTRAINT IF EXISTS captured_pkey, ADD PRIMARY KEY (message_id, id);
+        DROP POLICY IF EXISTS receipts_own ON email.receipts;
+        DROP POLICY IF EXISTS attachments_own ON email.attachments;
+        DROP POLICY IF EXISTS captured_own ON email.captured;
+        ALTER TABLE email.transports DROP CONSTRAINT IF EXISTS transports_fallback_fkey;
+        ALTER TABLE email.transport_secrets DROP CONSTRAINT IF EXISTS transport_secrets_name_fkey;
+        ALTER TABLE email.dkim_secrets DROP CONSTRAINT IF EXISTS dkim_secrets_domain_selector_fkey;
+        ALTER TABLE email.subscriptions DROP CONSTRAINT IF EXISTS subscriptions_topic_fkey;
+        ALTER TABLE email.webhook_secrets DROP CONSTRAINT IF EXISTS webhook_secrets_name_fkey;
+        ALTER TABLE email.api_key_hashes DROP CONSTRAINT IF EXISTS api_key_hashes_name_fkey;
+    $ddl$;
+    -- Each worker node's bigint sequences start at its group id << 48.
+    ranges constant text := $ddl$
+        SELECT count(setval(s.oid::regclass, greatest((SELECT groupid FROM pg_dist_local_group)::bigint << 48,
+                                                      q.seqstart) + 1, false))
+        FROM pg_class s JOIN pg_sequence q ON q.seqrelid = s.oid
+        WHERE s.relnamespace = 'email'::regnamespace AND q.seqtypid = 'bigint'::regtype
+    $ddl$;
+    failed text;
+BEGIN
+    IF shard_count IS NOT NULL AND shard_count NOT BETWEEN 1 AND 64000 THEN
+        RAISE EXCEPTION 'invalid shard_count: % (expected 1 to 64000)', shard_count USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RAISE EXCEPTION 'email.distribute() needs Citus in this database'
+            USING ERRCODE = 'feature_not_supported', HINT = 'CREATE EXTENSION citus, add the worker nodes, then call it.';
+    END IF;
+    IF NOT citus_is_coordinator() THEN
+        RAISE EXCEPTION 'email.distribute() runs on the coordinator' USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'email.messages'::regclass) THEN
+        RETURN 'already distributed';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary' AND isactive) THEN
+        RAISE EXCEPTION 'email.distribute() needs worker nodes: none is active'
+            USING ERRCODE = 'feature_not_supported', HINT = 'Add them with citus_add_node first.';
+    END IF;
+    SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO failed
+    FROM run_command_on_workers(format('DO %L', 'BEGIN ' || prepare || ' END')) WHERE NOT success;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'email.distribute(): preparing the worker nodes failed: %', failed;
+    END IF;
+    EXECUTE prepare;
+    -- The extension's triggers are pg_email's own and safe on every placement; the foreign keys
+    -- between reference tables need one connection per node; Citus' notices about the copied
+    -- rows are not the caller's business.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    PERFORM set_config('client_min_messages', 'warning', true);
+    PERFORM create_distributed_table('email.messages', 'id',
+                                     shard_count => coalesce(shard_count, current_setting('citus.shard_count')::int));
+    PERFORM create_distributed_table('email.receipts', 'message_id', colocate_with => 'email.messages');
+    PERFORM create_distributed_table('email.attachments', 'message_id', colocate_with => 'email.messages');
+    PERFORM create_distributed_table('email.captured', 'message_id', colocate_with => 'email.messages');
+    PERFORM create_reference_table(t)
+    FROM unnest(ARRAY['email.transports', 'email.transport_secrets', 'email.suppressions', 'email.templates',
+                      'email.template_versions', 'email.topics', 'email.subscriptions', 'email.webhooks',
+                      'email.webhook_secrets', 'email.dkim_keys', 'email.dkim_secrets', 'email.tracking_keys',
+                      'email.api_keys', 'email.api_key_hashes', 'email.forgotten', 'email.forget_salt']::regclass[]) t;
+    ALTER TABLE email.transports ADD CONSTRAINT transports_fallback_fkey FOREIGN KEY (fallback)
+        REFERENCES email.transports (name) ON DELETE SET NULL ON UPDATE CASCADE;
+    ALTER TABLE email.transport_secrets ADD CONSTRAINT transport_secrets_name_fkey FOREIGN KEY (name)
+        REFERENCES email.transports (name) ON UPDATE CASCADE ON DELETE CASCADE;
+    ALTER TABLE email.dkim_secrets ADD CONSTRAINT dkim_secrets_domain_selector_fkey FOREIGN KEY (domain, selector)
+        REFERENCES email.dkim_keys (domain, selector) ON UPDATE CASCADE ON DELETE CASCADE;
+    ALTER TABLE email.subscriptions ADD CONSTRAINT subscriptions_topic_fkey FOREIGN KEY (topic)
+        REFERENCES email.topics (name) ON UPDATE CASCADE ON DELETE CASCADE;
+    ALTER TABLE email.webhook_secrets ADD CONSTRAINT webhook_secrets_name_fkey FOREIGN KEY (name)
+        REFERENCES email.webhooks (name) ON UPDATE CASCADE ON DELETE CASCADE;
+    ALTER TABLE email.api_key_hashes ADD CONSTRAINT api_key_hashes_name_fkey FOREIGN KEY (name)
+        REFERENCES email.api_keys (name) ON UPDATE CASCADE ON DELETE CASCADE;
+    SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO failed
+    FROM run_command_on_workers(ranges) WHERE NOT success;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'email.distribute(): giving the worker nodes their id ranges failed: %', failed;
+    END IF;
+    RETURN format('distributed: email.messages in %s shards on %s worker nodes',
+                  (SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'email.messages'::regclass),
+                  (SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary'));
+END $$;
+COMMENT ON FUNCTION email.distribute(integer) IS 'On Citus, run once on the coordinator after adding the worker nodes: distributes the outbox on id (receipts, attachments, captured co-located), makes the configuration reference tables, and gives each node its own id range. See the README, "Scaling out with Citus".';
+REVOKE ALL ON FUNCTION email.distribute(integer) FROM PUBLIC;
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();

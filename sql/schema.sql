@@ -135,8 +135,9 @@ CREATE INDEX receipts_message_id ON email.receipts (message_id);
 CREATE INDEX receipts_at ON email.receipts (at);
 -- The latest failures (the dashboard's list and its bounce reasons) without walking every receipt.
 CREATE INDEX receipts_failures ON email.receipts (at) WHERE event IN ('failed', 'bounced');
--- The same provider event twice is stored once.
-CREATE UNIQUE INDEX receipts_provider_event ON email.receipts (transport, provider_event_id)
+-- The same provider event twice is stored once (it names the same message; message_id leads
+-- so that Citus can distribute the receipts on it).
+CREATE UNIQUE INDEX receipts_provider_event ON email.receipts (message_id, transport, provider_event_id)
     WHERE provider_event_id IS NOT NULL;
 
 CREATE TABLE email.suppressions (

@@ -6,4 +6,4 @@ VALUES ($1, $2, $3, coalesce($4, false), nullif($5, ''), $6)
 ON CONFLICT (name) DO UPDATE
 SET kind = EXCLUDED.kind, dsn = EXCLUDED.dsn, is_default = coalesce($4, t.is_default),
     fallback = CASE WHEN $5 IS NULL THEN t.fallback ELSE nullif($5, '') END,
-    sender = EXCLUDED.sender, updated_at = now()
+    sender = EXCLUDED.sender, updated_at = EXCLUDED.updated_at

@@ -1,12 +1,4 @@
--- Inserts a batch of receipts ($1: jsonb array of deliver::outcome::Receipt) and the
--- suppressions they earn ($2: jsonb array of {address, message_id}: recipients refused with
--- an RFC 3463 5.1.x code).
-WITH suppressed AS (
-    INSERT INTO email.suppressions (address, reason, message_id)
-    SELECT DISTINCT ON (x.address) x.address, 'bounced', x.message_id
-    FROM jsonb_to_recordset($2) AS x(address text, message_id bigint)
-    ON CONFLICT (address) DO NOTHING
-)
+-- Inserts a batch of receipts ($1: jsonb array of deliver::outcome::Receipt).
 INSERT INTO email.receipts (message_id, event, transport, attempt, recipient, smtp_code, enhanced_code,
                             provider_code, response, provider_message_id, duration_ms)
 SELECT r.message_id, r.event, r.transport, r.attempt, r.recipient, r.smtp_code, r.enhanced_code,

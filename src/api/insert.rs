@@ -271,50 +271,9 @@ fn _messages_statement_end<'a>(
     Ok(None)
 }
 
-/// Runs `work` as `owner` with search_path `pg_catalog, email, pg_temp`, then switches back
-/// (an ERROR meanwhile is cleaned up by the (sub)transaction's abort, which restores both).
+/// Runs `work` as `owner` with search_path `pg_catalog, email, pg_temp`, then switches back.
 fn as_owner<R>(owner: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
-    struct Restore {
-        user: pg_sys::Oid,
-        context: i32,
-        nest: i32,
-    }
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                return;
-            }
-            // SAFETY: restores what `as_owner` saved, on the same thread, in the same
-            // transaction; AtEOXact_GUC pops exactly the nest level NewGUCNestLevel made.
-            unsafe {
-                pg_sys::AtEOXact_GUC(true, self.nest);
-                pg_sys::SetUserIdAndSecContext(self.user, self.context);
-            }
-        }
-    }
-    // SAFETY: main thread, inside a transaction: the user switch is the one PostgreSQL's RI
-    // triggers make (SECURITY_LOCAL_USERID_CHANGE), and the search_path is set at a new GUC nest
-    // level, as a function's SET clause would be; both are undone by `Restore` or by the abort.
-    let _restore = unsafe {
-        let mut user = pg_sys::InvalidOid;
-        let mut context = 0;
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-        let nest = pg_sys::NewGUCNestLevel();
-        let restore = Restore { user, context, nest };
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, email, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        restore
-    };
-    work()
+    super::switched(Some(owner), &[(c"search_path", c"pg_catalog, email, pg_temp")], work)
 }
 
 fn layout(rel: pg_sys::Relation, owner: pg_sys::Oid) -> Rc<Layout> {

@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 use crate::message::{show, FieldError};
 
 pub mod admin;
+mod citus;
 pub mod dkim;
 pub mod events;
 mod insert;
@@ -155,6 +156,57 @@ thread_local! {
     /// map is held while a statement runs, because a statement may fire a user trigger that
     /// calls `email.send` again.
     static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `work` with the GUC `settings` made at a new nest level and, with `owner`, as that role
+/// (the switch PostgreSQL's RI triggers make), then switches back; an ERROR meanwhile is cleaned
+/// up by the (sub)transaction's abort, which restores both.
+pub(crate) fn switched<R>(owner: Option<pg_sys::Oid>, settings: &[(&CStr, &CStr)], work: impl FnOnce() -> R) -> R {
+    struct Restore {
+        user: pg_sys::Oid,
+        context: i32,
+        nest: i32,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                return;
+            }
+            // SAFETY: restores what `switched` saved, on the same thread, in the same
+            // transaction; AtEOXact_GUC pops exactly the nest level NewGUCNestLevel made.
+            unsafe {
+                pg_sys::AtEOXact_GUC(true, self.nest);
+                pg_sys::SetUserIdAndSecContext(self.user, self.context);
+            }
+        }
+    }
+    // SAFETY: main thread, inside a transaction: the user switch is SECURITY_LOCAL_USERID_CHANGE,
+    // and the settings are made at a new GUC nest level, as a function's SET clause would be;
+    // both are undone by `Restore` or by the abort.
+    let _restore = unsafe {
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        if let Some(owner) = owner {
+            pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+        }
+        let nest = pg_sys::NewGUCNestLevel();
+        let restore = Restore { user, context, nest };
+        for (name, value) in settings {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        restore
+    };
+    work()
 }
 
 /// Runs `sql` through a plan prepared on first use; argument types come from `args`.

@@ -32,6 +32,7 @@ const TOPIC: &str = include_str!("../../sql/api/topic.sql");
 const INSERT_MESSAGE: &str = include_str!("../../sql/api/insert_message.sql");
 const INSERT_MESSAGE_ONCE: &str = include_str!("../../sql/api/insert_message_once.sql");
 pub(super) const MESSAGE_BY_KEY: &str = include_str!("../../sql/api/message_by_key.sql");
+const MESSAGE_BY_ID_KEY: &str = include_str!("../../sql/api/message_by_id_key.sql");
 const INSERT_ATTACHMENT: &str = include_str!("../../sql/api/insert_attachment.sql");
 const RECORD_SUPPRESSED: &str = include_str!("../../sql/api/record_suppressed.sql");
 const TEMPLATE_VERSION: &str = include_str!("../../sql/api/template_version.sql");
@@ -271,16 +272,46 @@ pub(super) fn drop_suppressed(c: &Checked, dropped: &[(String, String)]) -> Kept
     }
 }
 
-/// insert_message.sql and insert_message_once.sql for a message to one recipient who was
-/// dropped: the row and its 'suppressed' receipt ($28 recipient, $29 why) in one statement.
-static INSERT_SUPPRESSED: LazyLock<[&'static str; 2]> = LazyLock::new(|| {
-    [INSERT_MESSAGE, INSERT_MESSAGE_ONCE].map(|sql| {
-        &*format!(
+/// The statements that store a message: [plain, with an idempotency key], each by itself and
+/// with the 'suppressed' receipt of its one dropped recipient in the same statement; and each of
+/// those again with the id given ($28), which a distributed outbox needs (api/citus.rs): there
+/// a keyed message conflicts on its id, derived from the key.
+struct Inserts {
+    /// [key][receipt]
+    by_default: [[&'static str; 2]; 2],
+    with_id: [[&'static str; 2]; 2],
+}
+
+static INSERTS: LazyLock<Inserts> = LazyLock::new(|| {
+    let leak = |s: String| -> &'static str { s.leak() };
+    // The row and the receipt of its one dropped recipient ($n recipient, $n+1 why).
+    let with_receipt = |sql: &str, n: u32| {
+        leak(format!(
             "WITH m AS (\n{sql}\n)\nINSERT INTO email.receipts (message_id, event, transport, recipient, response, source)\n\
-             SELECT m.id, 'suppressed', $1, $28, $29, 'api' FROM m\nRETURNING message_id AS id"
-        )
-        .leak()
-    })
+             SELECT m.id, 'suppressed', $1, ${n}, ${}, 'api' FROM m\nRETURNING message_id AS id",
+            n + 1
+        ))
+    };
+    let id_given = |sql: &str| {
+        let sql = sql
+            .replacen("INSERT INTO email.messages (", "INSERT INTO email.messages (id, ", 1)
+            .replacen("VALUES (", "VALUES ($28, ", 1)
+            .replacen(
+                "ON CONFLICT (created_by, idempotency_key) WHERE idempotency_key IS NOT NULL",
+                "ON CONFLICT (id)",
+                1,
+            );
+        assert!(sql.contains("(id, ") && sql.contains("($28, "), "insert_message*.sql changed shape");
+        sql
+    };
+    let (plain, once) = (id_given(INSERT_MESSAGE), id_given(INSERT_MESSAGE_ONCE));
+    Inserts {
+        by_default: [
+            [INSERT_MESSAGE, with_receipt(INSERT_MESSAGE, 28)],
+            [INSERT_MESSAGE_ONCE, with_receipt(INSERT_MESSAGE_ONCE, 28)],
+        ],
+        with_id: [[leak(plain.clone()), with_receipt(&plain, 29)], [leak(once.clone()), with_receipt(&once, 29)]],
+    }
 });
 
 /// Inserts the outbox row; returns its id, or the existing id for a known idempotency key. A
@@ -295,6 +326,7 @@ fn insert_message(
     sender: &Mailbox,
     kept: Kept,
     creator: &str,
+    id: Option<i64>,
 ) -> Result<i64, i64> {
     let [to, cc, bcc] = kept.lists;
     let nonempty = |l: Vec<Mailbox>| (!l.is_empty()).then(|| texts(&l));
@@ -335,19 +367,26 @@ fn insert_message(
         r.topic.into(),
     ];
     let once = usize::from(d.idempotency_key.is_some());
-    let sql = match &kept.receipt {
-        Some((who, why)) => {
-            args.push(who.as_str().into());
-            args.push(why.as_str().into());
-            INSERT_SUPPRESSED[once]
+    let receipt = usize::from(kept.receipt.is_some());
+    let sql = match id {
+        Some(id) => {
+            args.push(id.into());
+            INSERTS.with_id[once][receipt]
         }
-        None => [INSERT_MESSAGE, INSERT_MESSAGE_ONCE][once],
+        None => INSERTS.by_default[once][receipt],
     };
+    if let Some((who, why)) = &kept.receipt {
+        args.push(who.as_str().into());
+        args.push(why.as_str().into());
+    }
     let inserted = run_prepared(client, sql, Some(1), &args);
     if inserted.is_empty() {
         // This role used the key before (possibly in a concurrent call we waited for).
         let key = d.idempotency_key.unwrap_or_default();
-        let existing = client.select(MESSAGE_BY_KEY, Some(1), &[key.into(), creator.into()]);
+        let existing = match id {
+            Some(id) => client.select(MESSAGE_BY_ID_KEY, Some(1), &[key.into(), creator.into(), id.into()]),
+            None => client.select(MESSAGE_BY_KEY, Some(1), &[key.into(), creator.into()]),
+        };
         let existing = existing.unwrap_or_else(|e| spi_failed(e));
         let row = existing.first();
         let Some(id) = row.get_by_name::<i64, _>("id").ok().flatten() else {
@@ -459,26 +498,42 @@ pub(crate) fn enqueue_as(d: draft::Draft, r: Routing, creator: &str) -> i64 {
     super::warn_if_unserved(false);
     let c = draft::check(&d, &limits()).unwrap_or_else(|e| invalid(e));
     let bare = c.bare_addresses();
-    Spi::connect_mut(|client| {
-        let route = lookup_route(client, r.transport);
-        let dropped = dropped_among(client, &route, r.topic, &bare);
-        let sender = resolve_sender(&r, &route);
-        let kept = drop_suppressed(&c, &dropped);
-        let all_suppressed = kept.all_suppressed;
-        let receipt_with_row = kept.receipt.is_some();
-        let id = match insert_message(client, &d, &r, &c, &route, &sender, kept, creator) {
-            Ok(id) => id,
-            Err(existing) => return existing,
-        };
-        insert_attachments(client, id, &c.attachments);
-        if !receipt_with_row {
-            record_suppressed(client, id, &route.name, &bare, &dropped);
-        }
-        if !all_suppressed {
-            crate::xact::mark_queued();
-        }
-        id
-    })
+    let store = |id: Option<i64>| {
+        Spi::connect_mut(|client| {
+            let route = lookup_route(client, r.transport);
+            let dropped = dropped_among(client, &route, r.topic, &bare);
+            let sender = resolve_sender(&r, &route);
+            let kept = drop_suppressed(&c, &dropped);
+            let all_suppressed = kept.all_suppressed;
+            let receipt_with_row = kept.receipt.is_some();
+            let id = match insert_message(client, &d, &r, &c, &route, &sender, kept, creator, id) {
+                Ok(id) => id,
+                Err(existing) => return existing,
+            };
+            insert_attachments(client, id, &c.attachments);
+            if !receipt_with_row {
+                record_suppressed(client, id, &route.name, &bare, &dropped);
+            }
+            if !all_suppressed {
+                crate::xact::mark_queued();
+            }
+            id
+        })
+    };
+    let Some(node) = super::citus::outbox() else {
+        return store(None);
+    };
+    // A distributed outbox (api/citus.rs): a keyed message's id comes from its key; another one
+    // is placed on this node when it holds shards. A row written here may be written from a
+    // trigger running on a shard.
+    let id = match d.idempotency_key {
+        Some(key) => Some(super::citus::keyed_id(creator, key)),
+        None => node.local_id(),
+    };
+    match id {
+        Some(id) if node.holds(id) => super::citus::nested(|| store(Some(id))),
+        id => store(id),
+    }
 }
 
 /// Stores a message received by SMTP submission for `creator` (an API key's role, which must be

@@ -107,6 +107,8 @@ struct Worker {
     dkim_version: Option<String>,
     /// Outbound webhook deliveries in flight.
     hooks: hooks::Hooks,
+    /// Where the outbox is (on Citus: this worker's shards), read every poll interval.
+    outbox: queue::Outbox,
 }
 
 #[pg_guard]
@@ -148,6 +150,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
         dkim: Rc::default(),
         dkim_version: None,
         hooks: hooks::Hooks::default(),
+        outbox: queue::Outbox::Local,
     };
     log!("pg_email worker {slot} started in database \"{}\"", gucs::database());
     w.run();
@@ -443,7 +446,8 @@ impl Worker {
             }
         }
         queue::configure_session();
-        let released = queue::reap(Some(self.slot));
+        self.outbox = queue::Outbox::read(self.slot, gucs::workers());
+        let released = queue::reap(&self.outbox, Some(self.outbox.claimer(self.slot)));
         if released > 0 {
             log!("pg_email worker {}: requeued {released} messages left claimed by its previous run", self.slot);
         }
@@ -462,7 +466,8 @@ impl Worker {
                 last_tick = Instant::now();
                 maybe_due = true;
                 self.hooks.maybe_due = true;
-                let reaped = queue::reap(None);
+                self.outbox = queue::Outbox::read(self.slot, gucs::workers());
+                let reaped = queue::reap(&self.outbox, None);
                 if reaped > 0 {
                     log!("pg_email worker {}: requeued {reaped} messages whose lease expired", self.slot);
                 }
@@ -504,7 +509,8 @@ impl Worker {
                     self.reload_keys();
                 }
                 let want = free.min(gucs::batch_size());
-                let jobs = queue::claim(want, gucs::lease().as_secs_f64() * 1000.0, self.slot, backlog);
+                let lease_ms = gucs::lease().as_secs_f64() * 1000.0;
+                let jobs = queue::claim(&self.outbox, want, lease_ms, self.outbox.claimer(self.slot), backlog);
                 // Again after the claim: a backend bumps the generation during its transaction
                 // too, so the reload above may have read the state before its commit while the
                 // claim saw mail queued after it (a rotated tracking key, say). A change the
@@ -551,7 +557,7 @@ impl Worker {
                 }
                 let mut sleep = poll.saturating_sub(last_tick.elapsed());
                 if !maybe_due && !gucs::paused() {
-                    if let Some(ms) = queue::next_due_ms() {
+                    if let Some(ms) = queue::next_due_ms(&self.outbox) {
                         sleep = sleep.min(Duration::from_secs_f64(ms / 1000.0));
                     }
                 }

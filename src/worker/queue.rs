@@ -20,6 +20,7 @@ const ATTACHMENTS: &str = include_str!("../../sql/worker/attachments.sql");
 const PINNED_VERSIONS: &str = include_str!("../../sql/worker/pinned_versions.sql");
 const RECORD_OUTCOMES: &str = include_str!("../../sql/worker/record_outcomes.sql");
 const RECORD_RECEIPTS: &str = include_str!("../../sql/worker/record_receipts.sql");
+const RECORD_SUPPRESSIONS: &str = include_str!("../../sql/worker/record_suppressions.sql");
 const RECORD_CAPTURED: &str = include_str!("../../sql/worker/record_captured.sql");
 const USER_TRIGGERS_OFF: &str = include_str!("../../sql/worker/user_triggers_off.sql");
 const USER_TRIGGERS_ON: &str = include_str!("../../sql/worker/user_triggers_on.sql");
@@ -31,6 +32,13 @@ const TRANSPORTS: &str = include_str!("../../sql/worker/transports.sql");
 const TRACKING_KEYS: &str = include_str!("../../sql/worker/tracking_keys.sql");
 const DKIM_KEYS: &str = include_str!("../../sql/worker/dkim_keys.sql");
 const DKIM_FINGERPRINT: &str = include_str!("../../sql/worker/dkim_fingerprint.sql");
+const CITUS_PRESENT: &str = include_str!("../../sql/worker/citus_present.sql");
+const CITUS_SHARDS: &str = include_str!("../../sql/worker/citus_shards.sql");
+const CITUS_DUE: &str = include_str!("../../sql/worker/citus_due.sql");
+const CLAIM_IDS: &str = include_str!("../../sql/worker/claim_ids.sql");
+const CITUS_LEASED: &str = include_str!("../../sql/worker/citus_leased.sql");
+const REAP_IDS: &str = include_str!("../../sql/worker/reap_ids.sql");
+const CITUS_NEXT_DUE_MS: &str = include_str!("../../sql/worker/citus_next_due_ms.sql");
 const PURGE_FINISHED: &str = include_str!("../../sql/worker/purge_finished.sql");
 const STATS_FOLD: &str = include_str!("../../sql/worker/stats_fold.sql");
 const STATS_FOLD_SESSION: &str = include_str!("../../sql/worker/stats_fold_session.sql");
@@ -147,20 +155,101 @@ fn flag(row: &SpiHeapTupleData, name: &str) -> bool {
     row.get_by_name::<bool, _>(name).ok().flatten().unwrap_or(false)
 }
 
+/// Where the outbox lives, as the worker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Outbox {
+    /// `email.messages` is an ordinary table: every worker claims from all of it.
+    #[default]
+    Local,
+    /// Citus distributes it (`email.distribute()`): this node (its Citus group id) drains the
+    /// shards placed on it, and this worker the ones of those its slot is given.
+    Citus { node: i32, shards: Vec<String> },
+}
+
+impl Outbox {
+    /// Where the outbox is now: read every poll interval, since Citus moves shards.
+    pub fn read(slot: i32, workers: i32) -> Outbox {
+        BackgroundWorker::transaction(|| {
+            if !Spi::get_one::<bool>(CITUS_PRESENT).ok().flatten().unwrap_or(false) {
+                return Outbox::Local;
+            }
+            Spi::connect(|client| {
+                let rows = spi(client.select(CITUS_SHARDS, None, &[]));
+                let Some(row) = rows.into_iter().next() else {
+                    return Outbox::Local;
+                };
+                let node: i32 = row.get_by_name("node").ok().flatten().unwrap_or_default();
+                let all: Vec<String> = row.get_by_name("shards").ok().flatten().unwrap_or_default();
+                Outbox::Citus { node, shards: mine(all, slot, workers) }
+            })
+        })
+    }
+
+    /// What `claimed_by` says for this worker: its slot, and on Citus its node too, so that a
+    /// worker restarting on one node never takes back what another node's worker holds.
+    pub fn claimer(&self, slot: i32) -> i32 {
+        match self {
+            Outbox::Local => slot,
+            Outbox::Citus { node, .. } => node * 1000 + slot,
+        }
+    }
+}
+
+/// The shards of a node that worker `slot` of `workers` drains: every `workers`-th one.
+fn mine(all: Vec<String>, slot: i32, workers: i32) -> Vec<String> {
+    let (slot, workers) = (slot.max(0) as usize, workers.max(1) as usize);
+    all.into_iter().enumerate().filter(|(i, _)| i % workers == slot).map(|(_, s)| s).collect()
+}
+
+/// A statement over local shards: the (not commented) line of `sql` that holds `{shard}`, once
+/// per shard, joined by UNION ALL (shard names come from Citus' catalog, already quoted).
+fn over_shards(sql: &str, shards: &[String]) -> String {
+    let mut out = String::with_capacity(sql.len() + shards.len() * 160);
+    for line in sql.lines() {
+        if line.contains("{shard}") && !line.trim_start().starts_with("--") {
+            let each: Vec<String> = shards.iter().map(|s| line.replace("{shard}", s)).collect();
+            out.push_str(&each.join("\n        UNION ALL\n"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Claims up to `limit` due rows, with their attachments. `backlog` says the last claim came
 /// back full: walk the priority index; otherwise take the batch from a window of the oldest
 /// due rows, which stays cheap however many rows wait for a later time.
-pub fn claim(limit: usize, lease_ms: f64, slot: i32, backlog: bool) -> Vec<Job> {
+pub fn claim(outbox: &Outbox, limit: usize, lease_ms: f64, claimer: i32, backlog: bool) -> Vec<Job> {
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            let mut args: Vec<DatumWithOid> = vec![(limit as i64).into(), lease_ms.into(), slot.into()];
-            let sql = if backlog {
-                CLAIM
-            } else {
-                args.push(((limit * 4).max(1000) as i64).into());
-                CLAIM_WINDOW
+            let mut jobs: Vec<Job> = match outbox {
+                Outbox::Local => {
+                    let mut args: Vec<DatumWithOid> = vec![(limit as i64).into(), lease_ms.into(), claimer.into()];
+                    let sql = if backlog {
+                        CLAIM
+                    } else {
+                        args.push(((limit * 4).max(1000) as i64).into());
+                        CLAIM_WINDOW
+                    };
+                    spi(client.update(sql, None, &args)).map(|row| job(&row)).collect()
+                }
+                Outbox::Citus { shards, .. } if shards.is_empty() => Vec::new(),
+                Outbox::Citus { shards, .. } => {
+                    let due = over_shards(CITUS_DUE, shards);
+                    let ids: Vec<i64> = spi(client.select(&due, None, &[(limit as i64).into()]))
+                        .first()
+                        .get(1)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    if ids.is_empty() {
+                        return Vec::new();
+                    }
+                    let args: Vec<DatumWithOid> = vec![ids.into(), lease_ms.into(), claimer.into()];
+                    spi(client.update(CLAIM_IDS, None, &args)).map(|row| job(&row)).collect()
+                }
             };
-            let mut jobs: Vec<Job> = spi(client.update(sql, None, &args)).map(|row| job(&row)).collect();
             attach_files(client, &mut jobs);
             attach_pinned_versions(client, &mut jobs);
             jobs
@@ -229,6 +318,7 @@ pub struct Captured {
 /// The arguments of the record statements for some outcomes.
 struct Rows {
     updates: serde_json::Value,
+    ids: Vec<i64>,
     receipts: serde_json::Value,
     suppress: serde_json::Value,
     captured: Option<serde_json::Value>,
@@ -243,6 +333,7 @@ impl Rows {
             .collect();
         Rows {
             updates: json(serde_json::to_value(plans.clone().map(|p| &p.update).collect::<Vec<_>>())),
+            ids: plans.clone().map(|p| p.update.id).collect(),
             receipts: json(serde_json::to_value(plans.flat_map(|p| &p.receipts).collect::<Vec<_>>())),
             suppress: serde_json::Value::Array(suppress),
             captured: (!captured.is_empty()).then(|| json(serde_json::to_value(captured))),
@@ -252,8 +343,12 @@ impl Rows {
     /// Runs the record statements; an error (a user trigger's, say) is raised.
     fn write(self) {
         Spi::connect_mut(|client| {
-            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(self.updates).into()]));
-            spi(client.update(RECORD_RECEIPTS, None, &[JsonB(self.receipts).into(), JsonB(self.suppress).into()]));
+            let ids: Vec<i64> = self.ids;
+            spi(client.update(RECORD_OUTCOMES, None, &[JsonB(self.updates).into(), ids.into()]));
+            spi(client.update(RECORD_RECEIPTS, None, &[JsonB(self.receipts).into()]));
+            if self.suppress.as_array().is_some_and(|a| !a.is_empty()) {
+                spi(client.update(RECORD_SUPPRESSIONS, None, &[JsonB(self.suppress).into()]));
+            }
             if let Some(c) = self.captured {
                 spi(client.update(RECORD_CAPTURED, None, &[JsonB(c).into()]));
             }
@@ -318,23 +413,41 @@ pub fn release(ids: Vec<i64>) {
     });
 }
 
-/// Requeues expired leases (and, with `slot`, everything this slot left claimed); returns how many.
-pub fn reap(slot: Option<i32>) -> usize {
+/// Requeues expired leases (and, with `claimer`, everything it left claimed); returns how many.
+/// On Citus, only in this worker's shards: each node reaps its own, by its own clock.
+pub fn reap(outbox: &Outbox, claimer: Option<i32>) -> usize {
+    let claimer = claimer.unwrap_or(-1);
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
-            spi(client.update(REAP_LEASES, None, &[slot.unwrap_or(-1).into()]))
-                .first()
-                .get::<i64>(1)
-                .ok()
-                .flatten()
-                .unwrap_or(0) as usize
+            let count = match outbox {
+                Outbox::Local => spi(client.update(REAP_LEASES, None, &[claimer.into()])),
+                Outbox::Citus { shards, .. } if shards.is_empty() => return 0,
+                Outbox::Citus { shards, .. } => {
+                    let leased = over_shards(CITUS_LEASED, shards);
+                    let ids: Vec<i64> = spi(client.select(&leased, None, &[claimer.into()]))
+                        .first()
+                        .get(1)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    if ids.is_empty() {
+                        return 0;
+                    }
+                    spi(client.update(REAP_IDS, None, &[ids.into(), claimer.into()]))
+                }
+            };
+            count.first().get::<i64>(1).ok().flatten().unwrap_or(0) as usize
         })
     })
 }
 
 /// Milliseconds until the earliest queued row is due (0 when one is due now), `None` when empty.
-pub fn next_due_ms() -> Option<f64> {
-    BackgroundWorker::transaction(|| Spi::get_one::<f64>(NEXT_DUE_MS).ok().flatten())
+pub fn next_due_ms(outbox: &Outbox) -> Option<f64> {
+    BackgroundWorker::transaction(|| match outbox {
+        Outbox::Local => Spi::get_one::<f64>(NEXT_DUE_MS).ok().flatten(),
+        Outbox::Citus { shards, .. } if shards.is_empty() => None,
+        Outbox::Citus { shards, .. } => Spi::get_one::<f64>(&over_shards(CITUS_NEXT_DUE_MS, shards)).ok().flatten(),
+    })
 }
 
 /// A cheap fingerprint of the transport table, to notice changes.
