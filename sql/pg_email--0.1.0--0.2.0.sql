@@ -24,6 +24,27 @@ ALTER TABLE email.receipts ADD COLUMN provider_code text;
 UPDATE email.receipts SET provider_code = enhanced_code, enhanced_code = NULL
 WHERE enhanced_code IS NOT NULL AND enhanced_code !~ '^[245]\.[0-9]{1,3}\.[0-9]{1,3}$';
 
+-- The relation through which a trigger on `via` (a table of pg_email, or on Citus one node's copy
+-- of it) writes or joins `tbl`. On Citus a trigger on a reference table runs on every node's
+-- copy (placement), and there must touch that node's copy of `tbl`: each node does the same,
+-- and a statement that reached the other nodes from there is refused (and would deadlock).
+-- Elsewhere, `tbl` itself.
+CREATE FUNCTION email._placement(tbl regclass, via oid, logical regclass) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    copy text;
+BEGIN
+    IF via = logical THEN
+        RETURN tbl::text;
+    END IF;
+    EXECUTE 'SELECT shard_name(s.logicalrelid, s.shardid)::text FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid)
+             WHERE s.logicalrelid = $1 AND p.groupid = (SELECT groupid FROM pg_dist_local_group)'
+        INTO copy USING tbl;
+    RETURN coalesce(copy, tbl::text);
+END $$;
+
+REVOKE ALL ON FUNCTION email._placement(regclass, oid, regclass) FROM PUBLIC;
+
 -- Template upserts (INSERT ... ON CONFLICT (name) DO UPDATE) record one version per real
 -- change: the version copy moves from the BEFORE trigger to an AFTER trigger.
 CREATE OR REPLACE FUNCTION email._template_version() RETURNS trigger
@@ -56,15 +77,41 @@ END $$;
 CREATE FUNCTION email._template_version_saved() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
 BEGIN
-    INSERT INTO email.template_versions (name, version, subject, body, html)
-    VALUES (NEW.name, NEW.version, NEW.subject, NEW.body, NEW.html)
-    ON CONFLICT (name, version) DO NOTHING;
+    EXECUTE format('INSERT INTO %s (name, version, subject, body, html) VALUES ($1, $2, $3, $4, $5) '
+                   'ON CONFLICT (name, version) DO NOTHING',
+                   email._placement('email.template_versions', TG_RELID, 'email.templates'))
+        USING NEW.name, NEW.version, NEW.subject, NEW.body, NEW.html;
     RETURN NULL;
 END $$;
 REVOKE ALL ON FUNCTION email._template_version_saved() FROM PUBLIC;
 
 CREATE TRIGGER templates_version_saved AFTER INSERT OR UPDATE ON email.templates
     FOR EACH ROW EXECUTE FUNCTION email._template_version_saved();
+
+-- Deleting a template checks its users through the copy of email.templates the trigger runs on
+-- (on Citus, each node's).
+CREATE OR REPLACE FUNCTION email._template_in_use() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    used text;
+    user_name text;
+BEGIN
+    -- Checked once per statement, after it, so that deleting a layout together with every
+    -- template that uses it is allowed.
+    EXECUTE format($q$
+        SELECT g.name, t.name
+        FROM gone g JOIN %s t
+          ON concat_ws(E'\n', t.subject, t.body, t.html)
+             ~ ('\{%%-?\s*(extends|include|import|from)\s+[''"]' || regexp_replace(g.name, '([.\-/])', '\\\1', 'g') || '[''"]')
+        LIMIT 1$q$, email._placement('email.templates', TG_RELID, 'email.templates'))
+        INTO used, user_name;
+    IF used IS NOT NULL THEN
+        RAISE EXCEPTION 'template "%" is used by template "%"', used, user_name
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Change or delete the templates that extend or include it first.';
+    END IF;
+    RETURN NULL;
+END $$;
 
 -- Transports: replacing one keeps its default and fallback unless the call says otherwise, and
 -- the secret may come as its own argument.
@@ -101,13 +148,42 @@ CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (created_by, idem
 
 -- worker_status names the database, and says so where no worker serves it.
 DROP FUNCTION email.worker_status();
-CREATE FUNCTION email.worker_status() RETURNS TABLE (
+CREATE FUNCTION email._worker_status_local() RETURNS TABLE (
     "worker" INT, "pid" INT, "state" TEXT, "in_flight" INT, "sent" bigint, "deferred" bigint, "failed" bigint,
     "bounced" bigint, "started_at" timestamp with time zone, "last_activity" timestamp with time zone,
     "database" TEXT, "kind" TEXT
 )
 STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c AS 'MODULE_PATHNAME', 'worker_status_wrapper';
+LANGUAGE c AS 'MODULE_PATHNAME', '_worker_status_local_wrapper';
+REVOKE ALL ON FUNCTION email._worker_status_local() FROM PUBLIC;
+-- One row per worker serving this database (email._worker_status_local, from shared memory); on
+-- Citus after email.distribute(), those of every node, each named by `node` (host:port; NULL
+-- on a single server).
+CREATE FUNCTION email.worker_status() RETURNS TABLE (
+    worker int, pid int, state text, in_flight int, sent bigint, deferred bigint, failed bigint, bounced bigint,
+    started_at timestamptz, last_activity timestamptz, database text, kind text, node text
+)
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    distributed boolean := false;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE $q$SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'email.messages'::regclass)$q$
+            INTO distributed;
+    END IF;
+    IF NOT distributed THEN
+        RETURN QUERY SELECT s.*, NULL::text FROM email._worker_status_local() s;
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE $q$
+        SELECT s.*, n.nodename || ':' || n.nodeport
+        FROM run_command_on_all_nodes('SELECT coalesce(json_agg(s), ''[]'') FROM email._worker_status_local() s') r
+        JOIN pg_dist_node n ON n.nodeid = r.nodeid
+        CROSS JOIN LATERAL json_to_recordset(CASE WHEN r.success THEN r.result::json ELSE '[]' END) AS s(
+            worker int, pid int, state text, in_flight int, sent bigint, deferred bigint, failed bigint, bounced bigint,
+            started_at timestamptz, last_activity timestamptz, database text, kind text)
+        ORDER BY n.groupid, s.kind, s.worker$q$;
+END $$;
 REVOKE ALL ON FUNCTION email.worker_status() FROM PUBLIC;
 CREATE FUNCTION email._warn_if_unserved() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -137,24 +213,26 @@ CREATE TRIGGER suppressions_address BEFORE INSERT OR UPDATE OF address ON email.
 
 -- Adds an address (or '*@domain') to the suppression list; true if it was not on it.
 CREATE FUNCTION email.suppress(address text, reason text DEFAULT 'manual') RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
-BEGIN ATOMIC
-    WITH added AS (
-        INSERT INTO email.suppressions (address, reason) VALUES (suppress.address, suppress.reason)
-        ON CONFLICT DO NOTHING RETURNING 1
-    )
-    SELECT count(*) > 0 FROM added;
-END;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    INSERT INTO email.suppressions (address, reason) VALUES (suppress.address, suppress.reason)
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END $$;
 
 -- Takes an address (or '*@domain') off the suppression list; true if it was on it.
 CREATE FUNCTION email.unsuppress(address text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
-BEGIN ATOMIC
-    WITH removed AS (
-        DELETE FROM email.suppressions s WHERE s.address = lower(btrim(unsuppress.address)) RETURNING 1
-    )
-    SELECT count(*) > 0 FROM removed;
-END;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM email.suppressions s WHERE s.address = lower(btrim(unsuppress.address));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END $$;
 
 REVOKE ALL ON FUNCTION email._suppression_address() FROM PUBLIC;
 REVOKE ALL ON FUNCTION email.suppress(text, text) FROM PUBLIC;
@@ -662,15 +740,15 @@ END $$;
 
 -- Removes a DKIM key; true if it existed.
 CREATE FUNCTION email.remove_dkim_key(domain text, selector text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
-BEGIN ATOMIC
-    WITH removed AS (
-        DELETE FROM email.dkim_keys k
-        WHERE k.domain = lower(btrim(remove_dkim_key.domain)) AND k.selector = lower(btrim(remove_dkim_key.selector))
-        RETURNING 1
-    )
-    SELECT count(*) > 0 FROM removed;
-END;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM email.dkim_keys k
+    WHERE k.domain = lower(btrim(remove_dkim_key.domain)) AND k.selector = lower(btrim(remove_dkim_key.selector));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END $$;
 
 -- Erases an address from every pg_email table in the caller's transaction (DESIGN.md
 -- "Consent"): messages sent to it alone lose their contents, attachments and captured bytes;
@@ -882,7 +960,10 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp A
 DECLARE
     hooks jsonb;
 BEGIN
-    IF current_setting('pg_email.notify', true)::boolean IS NOT FALSE THEN
+    -- Not on Citus, where this runs on a shard of the receipts: a NOTIFY there would reach only
+    -- that node's listeners, and a transaction that sent one cannot take part in a two-phase
+    -- commit.
+    IF current_setting('pg_email.notify', true)::boolean IS NOT FALSE AND TG_RELID = 'email.receipts'::regclass THEN
         PERFORM pg_notify('email_events',
                           json_build_object('id', s.id, 'message_id', s.message_id, 'event', s.event)::text)
         FROM stored s
@@ -955,11 +1036,14 @@ END $$;
 
 -- Removes a webhook with its queued deliveries; true if it existed.
 CREATE FUNCTION email.remove_webhook(name text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
-BEGIN ATOMIC
-    WITH removed AS (DELETE FROM email.webhooks w WHERE w.name = remove_webhook.name RETURNING 1)
-    SELECT count(*) > 0 FROM removed;
-END;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM email.webhooks w WHERE w.name = remove_webhook.name;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END $$;
 
 CREATE TRIGGER receipts_stored AFTER INSERT ON email.receipts
     REFERENCING NEW TABLE AS stored FOR EACH STATEMENT EXECUTE FUNCTION email._receipts_stored();
@@ -1531,7 +1615,7 @@ COMMENT ON FUNCTION email._record_events(jsonb) IS 'Stores events heard back (we
 COMMENT ON FUNCTION email.ingest_message IS 'Stores one received message (raw bytes, envelope recipients and sender) exactly as the listener''s SMTP/LMTP service does: classified, matched to our message, its reports recorded; returns the email.inbound id.';
 COMMENT ON FUNCTION email._record_inbound(jsonb, bytea) IS 'Stores a parsed received message in email.inbound and records its reports through email._record_events.';
 COMMENT ON FUNCTION email._address(text) IS 'The bare, lower-cased address of a stored mailbox.';
-COMMENT ON FUNCTION email.worker_status IS 'One row per worker serving this database: the delivery workers (kind delivery: pid, state, messages in flight, totals since start, last activity) and the listener (kind listener: events stored as sent, requests answered 503 as deferred, refused requests as failed, open connections as in_flight); in a database no worker serves, one row says so.';
+COMMENT ON FUNCTION email.worker_status IS 'One row per worker serving this database (on Citus, of every node: node is its host:port): the delivery workers (kind delivery: pid, state, messages in flight, totals since start, last activity) and the listener (kind listener: events stored as sent, requests answered 503 as deferred, refused requests as failed, open connections as in_flight); in a database no worker serves, one row says so.';
 COMMENT ON COLUMN email.messages.topic IS 'The topic the message is about (email.topics): recipients not subscribed to it were dropped at enqueue, and an unsubscribe from it leaves the topic only.';
 COMMENT ON COLUMN email.messages.raw IS 'A message received by SMTP submission: its MIME as it is delivered (Bcc fields taken out, Message-ID and Date added when missing; DKIM signed on the way out). NULL for messages built from their fields.';
 COMMENT ON TABLE email.dkim_keys IS 'DKIM keys of sending domains (public half); add them with email.add_dkim_key. Mail from a domain or its subdomains is signed with its newest key of each algorithm.';
@@ -1622,21 +1706,24 @@ END $$;
 
 -- Revokes a key at once (the listener refuses it from its next request); true if it existed.
 CREATE FUNCTION email.revoke_api_key(name text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
-BEGIN ATOMIC
-    WITH revoked AS (DELETE FROM email.api_keys k WHERE k.name = revoke_api_key.name RETURNING 1)
-    SELECT count(*) > 0 FROM revoked;
-END;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM email.api_keys k WHERE k.name = revoke_api_key.name;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n > 0;
+END $$;
 
 -- The listener's batched note of when keys were last used (one statement per few seconds, not
 -- a write per request).
 CREATE FUNCTION email._api_keys_used(names text[], used timestamptz[]) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp
-BEGIN ATOMIC
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, email, pg_temp AS $$
+BEGIN
     UPDATE email.api_keys k SET last_used_at = u.at
     FROM unnest(_api_keys_used.names, _api_keys_used.used) AS u (name, at)
     WHERE k.name = u.name AND (k.last_used_at IS NULL OR k.last_used_at < u.at);
-END;
+END $$;
 
 -- The listener's copy of the keys is read again when one is created, revoked or changed.
 CREATE TRIGGER api_keys_changed AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF name, role, rate ON email.api_keys
@@ -1677,6 +1764,31 @@ COMMENT ON FUNCTION email._messages_insert() IS 'BEFORE INSERT on email.messages
 COMMENT ON FUNCTION email._messages_statement_start() IS 'BEFORE INSERT on email.messages, per statement: starts counting the statement''s rows (a long statement reads the suppression list once).';
 COMMENT ON FUNCTION email._messages_statement_end() IS 'AFTER INSERT on email.messages, per statement: writes the statement''s ''suppressed'' receipts.';
 
+-- On Citus, after email.distribute(): runs `command` on every worker node, from the coordinator
+-- (Citus does not send an extension's grants there itself); elsewhere, nothing.
+CREATE FUNCTION email._on_worker_nodes(command text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    distributed boolean;
+    failed text;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE $q$SELECT citus_is_coordinator()
+                      AND EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'email.messages'::regclass)$q$
+        INTO STRICT distributed;
+    IF NOT distributed THEN
+        RETURN;
+    END IF;
+    -- A worker node refuses DDL on objects Citus propagates unless propagation is off there.
+    EXECUTE $q$SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ')
+               FROM run_command_on_workers('SET citus.enable_ddl_propagation = off; ' || $1) WHERE NOT success$q$
+        INTO failed USING command;
+    IF failed IS NOT NULL THEN
+        RAISE EXCEPTION 'on the worker nodes: %', failed;
+    END IF;
+END $$;
 -- What sending takes, in one call: email.send and email.send_template, INSERT on the columns a
 -- message is made of, SELECT on the outbox and its receipts (row-level security shows a role
 -- its own mail only).
@@ -1688,12 +1800,17 @@ BEGIN
         RAISE EXCEPTION 'invalid role: NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA email TO %I', role);
-    -- email._is_finished is in an outbox index's predicate, which an INSERT evaluates.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished TO %I', role);
+    -- email._is_finished is in an outbox index's predicate, which an INSERT evaluates;
+    -- email._message_visible in the policies of receipts, attachments and captured on Citus.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished, email._message_visible TO %I', role);
     EXECUTE format('GRANT INSERT (recipients, cc, bcc, sender, reply_to, subject, body, html, template, data, '
                    'headers, tags, metadata, priority, send_at, idempotency_key, transport, topic, track_opens, '
                    'track_clicks, list_unsubscribe) ON email.messages TO %I', role);
     EXECUTE format('GRANT SELECT ON email.messages, email.receipts, email.attachments TO %I', role);
+    -- Citus sends the schema's and the tables' grants to every node itself, not an extension's
+    -- function grants: those are sent here.
+    PERFORM email._on_worker_nodes(format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, '
+                                          'email._is_finished, email._message_visible TO %I', role));
 END $$;
 -- And takes it back.
 CREATE FUNCTION email.revoke_send(role name) RETURNS void
@@ -1703,15 +1820,27 @@ BEGIN
     IF role IS NULL THEN
         RAISE EXCEPTION 'invalid role: NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    EXECUTE format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished FROM %I', role);
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, email._is_finished, email._message_visible FROM %I', role);
     EXECUTE format('REVOKE INSERT, SELECT ON email.messages FROM %I', role);
     EXECUTE format('REVOKE SELECT ON email.receipts, email.attachments FROM %I', role);
+    PERFORM email._on_worker_nodes(format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, '
+                                          'email._is_finished, email._message_visible FROM %I', role));
 END $$;
 COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages, SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
 COMMENT ON FUNCTION email.revoke_send(name) IS 'Takes back what email.grant_send granted (but USAGE on schema email, which other grants may need).';
 CREATE POLICY messages_insert_own ON email.messages FOR INSERT WITH CHECK (created_by = current_user);
 REVOKE ALL ON FUNCTION email._messages_insert(), email._messages_statement_start(), email._messages_statement_end(),
     email.grant_send(name), email.revoke_send(name) FROM PUBLIC;
+
+-- Whether the caller may see message `id` (row-level security of email.messages applies): the
+-- child tables' policies on Citus, where a policy cannot hold a subquery. Run on a shard of
+-- receipts, attachments or captured, it looks at the co-located messages shard on the same node.
+CREATE FUNCTION email._message_visible(id bigint) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, email, pg_temp SET citus.allow_nested_distributed_execution = on
+AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM email.messages m WHERE m.id = _message_visible.id);
+END $$;
 
 -- Scale-out on Citus (README "Scaling out with Citus"). Run once on the coordinator, after the
 -- worker nodes are added, also with mail queued (it is kept and delivered): the outbox becomes
@@ -1789,6 +1918,9 @@ BEGIN
     PERFORM create_distributed_table('email.receipts', 'message_id', colocate_with => 'email.messages');
     PERFORM create_distributed_table('email.attachments', 'message_id', colocate_with => 'email.messages');
     PERFORM create_distributed_table('email.captured', 'message_id', colocate_with => 'email.messages');
+    CREATE POLICY receipts_own ON email.receipts FOR SELECT USING (email._message_visible(message_id));
+    CREATE POLICY attachments_own ON email.attachments FOR SELECT USING (email._message_visible(message_id));
+    CREATE POLICY captured_own ON email.captured FOR SELECT USING (email._message_visible(message_id));
     PERFORM create_reference_table(t)
     FROM unnest(ARRAY['email.transports', 'email.transport_secrets', 'email.suppressions', 'email.templates',
                       'email.template_versions', 'email.topics', 'email.subscriptions', 'email.webhooks',
@@ -1811,12 +1943,18 @@ BEGIN
     IF failed IS NOT NULL THEN
         RAISE EXCEPTION 'email.distribute(): giving the worker nodes their id ranges failed: %', failed;
     END IF;
+    -- Roles granted sending before now get the same grants on every node.
+    PERFORM email.grant_send(r.rolname)
+    FROM pg_roles r
+    WHERE has_function_privilege(r.oid, (SELECT p.oid FROM pg_proc p
+                                         WHERE p.proname = 'send' AND p.pronamespace = 'email'::regnamespace), 'EXECUTE')
+      AND NOT r.rolsuper AND r.oid <> (SELECT relowner FROM pg_class WHERE oid = 'email.messages'::regclass);
     RETURN format('distributed: email.messages in %s shards on %s worker nodes',
                   (SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'email.messages'::regclass),
                   (SELECT count(*) FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary'));
 END $$;
 COMMENT ON FUNCTION email.distribute(integer) IS 'On Citus, run once on the coordinator after adding the worker nodes: distributes the outbox on id (receipts, attachments, captured co-located), makes the configuration reference tables, and gives each node its own id range. See the README, "Scaling out with Citus".';
-REVOKE ALL ON FUNCTION email.distribute(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION email.distribute(integer), email._message_visible(bigint), email._on_worker_nodes(text) FROM PUBLIC;
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();

@@ -1,7 +1,8 @@
 -- Records finished webhook attempts ($1: jsonb array from worker/hooks.rs `row`): the status
 -- decided in Rust (sent, queued for another attempt after delay_ms, failed), the answer's status
 -- and error. A row changes only while it is still this attempt's (its attempts one less), so a
--- late answer never overwrites a newer one. `disable` (a 410) disables the webhook.
+-- late answer never overwrites a newer one. Returns the webhooks to disable (a 410), for
+-- hooks_disable.sql.
 WITH u AS (
     SELECT * FROM jsonb_to_recordset($1) AS u(id bigint, attempt int, status text, response_status int,
                                               last_error text, delay_ms float8, disable text)
@@ -16,7 +17,4 @@ WITH u AS (
     WHERE d.id = u.id AND d.status = 'queued' AND d.attempts = u.attempt - 1
     RETURNING d.webhook, u.disable
 )
-UPDATE email.webhooks w
-SET enabled = false, disabled_at = now(), disabled_because = done.disable
-FROM done
-WHERE w.name = done.webhook AND done.disable IS NOT NULL AND w.enabled
+SELECT webhook, disable FROM done WHERE disable IS NOT NULL

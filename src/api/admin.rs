@@ -169,11 +169,12 @@ fn ts(v: i64) -> Option<TimestampWithTimeZone> {
     (v != 0).then(|| unsafe { TimestampWithTimeZone::from_datum(pgrx::pg_sys::Datum::from(v), false) }).flatten()
 }
 
-/// One row per worker that serves this database and is running or has run since the server
-/// started. In a database no worker serves, one row says so (worker and pid NULL).
+/// One row per worker of this server that serves this database and is running or has run since
+/// the server started. In a database no worker serves, one row says so (worker and pid NULL).
+/// `email.worker_status()` (sql/finalize.sql) shows these rows, of every node on Citus.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
-fn worker_status() -> TableIterator<
+fn _worker_status_local() -> TableIterator<
     'static,
     (
         name!(worker, Option<i32>),

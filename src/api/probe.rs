@@ -1,4 +1,5 @@
-//! A primary-key lookup without SPI, for the topic check `email.send` makes on every call. Runs
+//! A primary-key lookup without SPI, for the topic check `email.send` makes on every call (on a
+//! distributed outbox, a query: there the rows are in Citus' copies). Runs
 //! in the caller's backend, inside its transaction. A one-row SPI statement costs about 7 µs of
 //! executor set-up and tear-down per call, more than the rest of the check; an index probe
 //! costs about 1.5 µs. It reads with the calling statement's snapshot (the active one), so an
@@ -84,8 +85,18 @@ unsafe fn open() -> Option<(Found, pg_sys::Relation, pg_sys::Relation)> {
     None
 }
 
+const SUBSCRIBED: &str = include_str!("../../sql/api/subscribed.sql");
+
 /// `email.subscriptions.subscribed` for (`address`, `topic`), or None without a row.
 pub(crate) fn subscribed(address: &str, topic: &str) -> Option<bool> {
+    // On Citus the rows are in this node's copy of the reference table, which Citus reads.
+    if super::citus::outbox().is_some() {
+        return match pgrx::Spi::get_one_with_args::<bool>(SUBSCRIBED, &[address.into(), topic.into()]) {
+            Ok(v) => v,
+            Err(pgrx::spi::SpiError::InvalidPosition) => None,
+            Err(e) => super::spi_failed(e),
+        };
+    }
     // SAFETY: runs on the backend's main thread inside a transaction (email.send). The
     // relations are opened with AccessShareLock, kept to the end of the transaction as any
     // query would; the scan keys point at text datums that live in the current memory context

@@ -14,14 +14,18 @@ use futures_util::stream::FuturesUnordered;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::spi::SpiHeapTupleData;
+use pgrx::spi::{SpiClient, SpiHeapTupleData};
 use pgrx::JsonB;
 
 use crate::outbound::{self, AllowList, Clients};
 use crate::{deliver, gucs};
 
+const ENABLED: &str = include_str!("../../sql/worker/hooks_enabled.sql");
 const CLAIM: &str = include_str!("../../sql/worker/hooks_claim.sql");
+const EVENTS: &str = include_str!("../../sql/worker/hooks_events.sql");
+const ORPHANED: &str = include_str!("../../sql/worker/hooks_orphaned.sql");
 const RECORD: &str = include_str!("../../sql/worker/hooks_record.sql");
+const DISABLE: &str = include_str!("../../sql/worker/hooks_disable.sql");
 const RELEASE: &str = include_str!("../../sql/worker/hooks_release.sql");
 const ASYNC_COMMIT: &str = include_str!("../../sql/worker/hooks_async_commit.sql");
 
@@ -124,7 +128,13 @@ impl Hooks {
             if let Some(rows) = rows {
                 let recorded = crate::subxact::run(|| {
                     Spi::connect_mut(|client| {
-                        crate::api::run_prepared(client, RECORD, None, &[JsonB(rows).into()]);
+                        let (names, whys): (Vec<String>, Vec<String>) =
+                            crate::api::run_prepared(client, RECORD, None, &[JsonB(rows).into()])
+                                .filter_map(|r| Some((text(&r, "webhook")?, text(&r, "disable")?)))
+                                .unzip();
+                        if !names.is_empty() {
+                            crate::api::run_prepared(client, DISABLE, None, &[names.into(), whys.into()]);
+                        }
                     })
                 });
                 if let Err(e) = recorded {
@@ -134,17 +144,11 @@ impl Hooks {
             if room == 0 {
                 return Vec::new();
             }
-            let args: Vec<DatumWithOid> =
-                vec![names.into(), counts.into(), (cap as i32).into(), lease_ms.into(), (room as i64).into()];
-            crate::subxact::run(|| {
-                Spi::connect_mut(|client| {
-                    crate::api::run_prepared(client, CLAIM, None, &args).map(|r| claimed(&r)).collect::<Vec<_>>()
+            crate::subxact::run(|| Spi::connect_mut(|client| claim(client, names, counts, cap as i32, lease_ms, room)))
+                .unwrap_or_else(|e| {
+                    warning!("pg_email worker {slot}: claiming webhook deliveries failed: {e}");
+                    Vec::new()
                 })
-            })
-            .unwrap_or_else(|e| {
-                warning!("pg_email worker {slot}: claiming webhook deliveries failed: {e}");
-                Vec::new()
-            })
         });
         // A full batch: more may be waiting.
         self.maybe_due = room > 0 && claimed.len() == room;
@@ -281,6 +285,48 @@ async fn post(clients: Clients, c: Claimed, version: &'static str) -> Done {
         }
         Err(e) => done(None, retry(outbound::describe(&e))),
     }
+}
+
+/// Claims up to `room` due deliveries (hooks_claim.sql) and reads what their POSTs need
+/// (hooks_events.sql); a delivery whose event is gone is failed (hooks_orphaned.sql). Three
+/// statements, so that on Citus the deliveries of this node, the reference tables and the
+/// distributed receipts are each read in a way Citus runs.
+fn claim(
+    client: &mut SpiClient,
+    names: Vec<String>,
+    counts: Vec<i32>,
+    cap: i32,
+    lease_ms: f64,
+    room: usize,
+) -> Vec<Claimed> {
+    let enabled: Vec<String> =
+        crate::api::run_prepared(client, ENABLED, Some(1), &[]).first().get(1).ok().flatten().unwrap_or_default();
+    if enabled.is_empty() {
+        return Vec::new();
+    }
+    let args: Vec<DatumWithOid> =
+        vec![names.into(), counts.into(), cap.into(), lease_ms.into(), (room as i64).into(), enabled.into()];
+    let mut ids = Vec::new();
+    let mut webhooks = Vec::new();
+    let mut attempts = Vec::new();
+    let mut receipts = Vec::new();
+    for r in crate::api::run_prepared(client, CLAIM, None, &args) {
+        ids.push(r.get_by_name::<i64, _>("id").ok().flatten().unwrap_or_default());
+        webhooks.push(text(&r, "webhook").unwrap_or_default());
+        attempts.push(r.get_by_name::<i32, _>("attempts").ok().flatten().unwrap_or_default());
+        receipts.push(r.get_by_name::<i64, _>("receipt_id").ok().flatten().unwrap_or_default());
+    }
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let all = ids.clone();
+    let args: Vec<DatumWithOid> = vec![ids.into(), webhooks.into(), attempts.into(), receipts.into()];
+    let claimed: Vec<Claimed> = crate::api::run_prepared(client, EVENTS, None, &args).map(|r| claimed(&r)).collect();
+    if claimed.len() < all.len() {
+        let gone: Vec<i64> = all.into_iter().filter(|id| !claimed.iter().any(|c| c.id == *id)).collect();
+        crate::api::run_prepared(client, ORPHANED, None, &[gone.into()]);
+    }
+    claimed
 }
 
 fn text(row: &SpiHeapTupleData, name: &str) -> Option<String> {

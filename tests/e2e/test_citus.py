@@ -10,6 +10,7 @@ import collections
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 
@@ -151,15 +152,19 @@ def test_twenty_thousand_messages_are_sent_once_each_by_both_worker_nodes(citus)
     ids = dict(coord.all("SELECT message_id, id FROM email.messages WHERE %s = ANY(tags)", tag))
     copies = collections.Counter(m for m in sink.message_ids() if m in ids)
     assert len(copies) == total and set(copies.values()) == {1}, collections.Counter(copies.values())
-    # Each worker node sent its own shards' share: its receipts, and its workers' counters.
-    per_node = {p: node(p).val("SELECT sum(sent) FROM email.worker_status() WHERE kind = 'delivery'") for p in NODES[1:]}
+    # Each worker node sent its own shards' share: its receipts, and its workers' counters
+    # (email.worker_status() lists every node's workers, on any node).
+    for port in NODES:
+        rows = node(port).all("SELECT node, sum(sent) FROM email.worker_status() WHERE kind = 'delivery' GROUP BY 1")
+        per_node = {int(n.rsplit(":", 1)[1]): int(v) for n, v in rows}
+        assert set(per_node) == set(NODES), rows
     receipts = placement_counts(coord, "email.receipts", "event = 'sent'")
     assert set(receipts) == set(NODES[1:]), receipts
     for port in NODES[1:]:
         assert per_node[port] >= total // 4, per_node
         assert receipts[port] >= total // 4, receipts
     assert sum(receipts.values()) >= total
-    assert node(BASE).val("SELECT coalesce(sum(sent), 0) FROM email.worker_status() WHERE kind = 'delivery'") == 0
+    assert per_node[BASE] == 0, per_node
 
 
 def test_kill_9_of_one_nodes_worker_loses_nothing_and_repeats_only_its_in_flight_mail(citus):
@@ -198,3 +203,96 @@ def test_kill_9_of_one_nodes_worker_loses_nothing_and_repeats_only_its_in_flight
     victim_port = BASE + 1
     assert all(node_of(coord, i) == victim_port for i in repeated), "a message of the other node was sent twice"
     assert len(repeated) <= 2 * 64, len(repeated)
+
+
+def test_an_idempotency_key_holds_across_the_nodes(citus):
+    coord = citus["coord"]
+    key = f"order-{uuid.uuid4().hex[:8]}"
+    call = "SELECT email.send(recipients => 'k@x.test', subject => %s, body => 'b', idempotency_key => %s)"
+    first = coord.val(call, "paid", key)
+    for port in NODES:
+        assert node(port).val(call, "paid", key) == first, port
+    code, msg = node(BASE + 2).error(call, "refunded", key)
+    assert code == "22023" and "idempotency_key" in msg
+    assert coord.val("SELECT count(*) FROM email.messages WHERE idempotency_key = %s", key) == 1
+    wait_sent(coord, [first])
+    # Two sessions on two nodes with one new key: the second waits for the first, then gets its id.
+    key2 = f"race-{uuid.uuid4().hex[:8]}"
+    a, b = node(BASE + 1), node(BASE + 2)
+    a.conn.autocommit = False
+    ida = a.val(call, "x", key2)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("b", b.val(call, "x", key2)))
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive(), "the second session did not wait for the first"
+    a.conn.commit()
+    t.join(30)
+    assert got["b"] == ida
+
+
+def test_suppressions_and_topics_apply_on_every_node(citus):
+    coord = citus["coord"]
+    coord.all("SELECT email.suppress('gone@x.test')")
+    coord.all("INSERT INTO email.topics (name, description, default_subscribed) VALUES ('news', 'News', true)")
+    coord.all("SELECT email.unsubscribe('left@x.test', 'news')")
+    for port in NODES:
+        d = node(port)
+        mid = d.val("SELECT email.send(recipients => 'Gone@X.test', subject => 's', body => 'b')")
+        assert d.val("SELECT status::text FROM email.messages WHERE id = %s", mid) == "suppressed", port
+        assert d.val("SELECT event FROM email.receipts WHERE message_id = %s", mid) == "suppressed"
+        mid = d.val("SELECT email.send(recipients => 'left@x.test', subject => 'n', body => 'b', topic => 'news')")
+        assert d.val("SELECT status::text FROM email.messages WHERE id = %s", mid) == "suppressed", port
+        mid = d.val("SELECT email.send(recipients => 'stay@x.test', subject => 'n', body => 'b', topic => 'news')")
+        wait_sent(coord, [mid])
+
+
+def test_templates_are_saved_by_insert_and_pinned_on_every_node(citus):
+    coord = citus["coord"]
+    coord.all("INSERT INTO email.templates (name, subject, body) VALUES ('layout', '{% block s %}{% endblock %}', 'L')")
+    coord.all("INSERT INTO email.templates (name, subject, body) VALUES "
+              "('hello', '{% extends \"layout\" %}{% block s %}Hello v1 {{ name }}{% endblock %}', 'b')")
+    for port in NODES:
+        assert node(port).all("SELECT version FROM email.template_versions WHERE name = 'hello'") == [(1,)], port
+    later = node(BASE + 2).val("SELECT email.send_template('hello', 'p@x.test', '{\"name\": \"Ada\"}', "
+                               "send_at => now() + interval '3 seconds')")
+    coord.all("UPDATE email.templates SET subject = '{% extends \"layout\" %}{% block s %}Hello v2 {{ name }}{% endblock %}' "
+              "WHERE name = 'hello'")
+    for port in NODES:
+        assert node(port).all("SELECT version FROM email.template_versions WHERE name = 'hello' ORDER BY 1") == \
+            [(1,), (2,)], port
+    now = node(BASE + 1).val("SELECT email.send_template('hello', 'q@x.test', '{\"name\": \"Bob\"}')")
+    wait_sent(coord, [later, now])
+    assert coord.val("SELECT subject FROM email.messages WHERE id = %s", later) == "Hello v1 Ada"
+    assert coord.val("SELECT subject FROM email.messages WHERE id = %s", now) == "Hello v2 Bob"
+    code, _ = coord.error("DELETE FROM email.templates WHERE name = 'layout'")
+    assert code == "2BP01"
+    coord.all("DELETE FROM email.templates WHERE name IN ('hello', 'layout')")
+    for port in NODES:
+        assert node(port).val("SELECT count(*) FROM email.templates WHERE name IN ('hello', 'layout')") == 0
+
+
+def test_each_role_sees_only_its_own_mail_on_every_node(citus):
+    coord = citus["coord"]
+    for r in ("citus_a", "citus_b"):
+        coord.all(f"DROP ROLE IF EXISTS {r}")
+        coord.all(f"CREATE ROLE {r} LOGIN")
+        coord.all("SELECT email.grant_send(%s)", r)
+    mine = {}
+    for r, port in (("citus_a", BASE + 1), ("citus_b", BASE + 2)):
+        d = node(port, user=r)
+        mine[r] = d.val("SELECT email.send(recipients => %s, subject => 'rls', body => 'b', sender => 's@x.test', "
+                        "attachments => '[{\"filename\": \"a.txt\", \"content\": \"aGk=\"}]')", f"{r}@x.test")
+    wait_sent(coord, list(mine.values()))
+    for r in mine:
+        for port in NODES:
+            d = node(port, user=r)
+            assert d.all("SELECT id FROM email.messages") == [(mine[r],)], (r, port)
+            assert {m for (m,) in d.all("SELECT DISTINCT message_id FROM email.receipts")} == {mine[r]}, (r, port)
+            assert d.all("SELECT message_id FROM email.attachments") == [(mine[r],)], (r, port)
+            code, _ = d.error("INSERT INTO email.messages (recipients, subject, body, created_by) "
+                              "VALUES ('{x@x.test}', 's', 'b', 'postgres')")
+            assert code == "42501", (r, port)
+    coord.all("SELECT email.revoke_send('citus_b')")
+    code, _ = node(BASE + 1, user="citus_b").error("SELECT email.send(recipients => 'x@x.test', subject => 's', body => 'b')")
+    assert code == "42501"
