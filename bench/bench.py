@@ -1269,6 +1269,63 @@ def bench_flat():
            extra={"value_text": text, "rates": found})
     reset()
 
+def bench_citus():
+    """Row 26: the drain of a distributed outbox (email.distribute) by one Citus worker node, then by
+    two, on this one machine: each node's worker sends its own shards' mail to smtp-sink."""
+    log("26. Citus: drain with 2 worker nodes vs 1")
+    if subprocess.run(["bash", os.path.join(ROOT, "scripts", "citus.sh"), "--check"]).returncode != 0:
+        record(26, "Citus drain, 2 worker nodes vs 1", 0, "msg/s", None, None, "report", None,
+               extra={"skipped": "Citus is not installed (scripts/citus.sh)"})
+        return
+    n = 20_000
+    base_port = free_port(PORT + 20)
+    where = os.path.join(DIR, "citus")
+    rates = {}
+    for nodes in (1, 2, 1, 2, 1, 2)[:2 * REPS]:
+        env = dict(os.environ, CITUS_WORKERS=str(nodes))
+        subprocess.run(["bash", os.path.join(ROOT, "scripts", "citus-cluster.sh"), "start", where, str(base_port), "bench",
+                        "pg_email.paused = on", "fsync = off", "synchronous_commit = off"], check=True, env=env)
+        try:
+            c = psycopg2.connect(host="127.0.0.1", port=base_port, dbname="bench", user="postgres")
+            c.autocommit = True
+            cur = c.cursor()
+            cur.execute("CREATE EXTENSION pg_email")
+            cur.execute("SELECT email.distribute()")
+            cur.execute(f"SELECT email.add_transport('sink', 'smtp://127.0.0.1:{SINK_PORT}?tls=none', is_default => true)")
+            cur.execute("SELECT count(email.send(recipients => 'user' || i || '@example.org', subject => 'Bench ' || i, "
+                        "body => %s, sender => 'bench@example.org')) FROM generate_series(1, %s) i", (BODY_2K, n))
+            nodes_conns = []
+            for i in range(nodes + 1):
+                k = psycopg2.connect(host="127.0.0.1", port=base_port + i, dbname="bench", user="postgres")
+                k.autocommit = True
+                nodes_conns.append(k)
+            t = time.monotonic()
+            for k in nodes_conns:
+                with k.cursor() as kc:
+                    kc.execute("ALTER SYSTEM SET pg_email.paused = off")
+                    kc.execute("SELECT pg_reload_conf()")
+            while True:
+                cur.execute("SELECT count(*) FROM email.messages WHERE status = 'sent'")
+                if cur.fetchone()[0] >= n:
+                    break
+                if time.monotonic() - t > 600:
+                    raise RuntimeError("the Citus drain stalled")
+                time.sleep(0.05)
+            rates.setdefault(nodes, []).append(n / (time.monotonic() - t))
+            for k in nodes_conns:
+                k.close()
+            c.close()
+        finally:
+            subprocess.run(["bash", os.path.join(ROOT, "scripts", "citus-cluster.sh"), "stop", where], env=env)
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    record(26, f"Citus drain, {n:,} × 2 KB to smtp-sink, 2 worker nodes (1 worker each) vs 1, on this one machine",
+           round(two), "msg/s", round(one), round(two / one, 2),
+           "report (one 2-core machine: overhead, not scale)", None,
+           extra={"runs": [round(x) for x in rates[2]], "baseline_runs": [round(x) for x in rates[1]],
+                  "estimate": f"N machines, one worker node each: about N × {round(one):,} msg/s "
+                              "(each node drains only its own shards; they share only reference-table reads)"})
+
+
 def main():
     global DB, HTTP_PORT, LISTEN_PORT, LISTEN_URL, INBOUND_PORT, LMTP_SINK_PORT, SUBMISSION_PORT
     os.makedirs(DIR, exist_ok=True)
@@ -1302,7 +1359,7 @@ def main():
                                 bench_inbound, bench_verp, bench_topic, bench_dkim,
                                 bench_dkim_ed25519, bench_outbound, bench_stats, bench_send_api,
                                 bench_submission, bench_insert, bench_insert_bulk, None, bench_defaults, None,
-                                bench_flat], 1):
+                                bench_flat, bench_citus], 1):
             if fn and (not only or str(n) in only):
                 fn()
     finally:

@@ -154,7 +154,7 @@ CREATE FUNCTION email._worker_status_local() RETURNS TABLE (
     "database" TEXT, "kind" TEXT
 )
 STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c AS 'MODULE_PATHNAME', '_worker_status_local_wrapper';
+LANGUAGE c AS 'MODULE_PATHNAME', 'worker_status_wrapper';
 REVOKE ALL ON FUNCTION email._worker_status_local() FROM PUBLIC;
 -- One row per worker serving this database (email._worker_status_local, from shared memory); on
 -- Citus after email.distribute(), those of every node, each named by `node` (host:port; NULL

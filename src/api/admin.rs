@@ -171,10 +171,11 @@ fn ts(v: i64) -> Option<TimestampWithTimeZone> {
 
 /// One row per worker of this server that serves this database and is running or has run since
 /// the server started. In a database no worker serves, one row says so (worker and pid NULL).
-/// `email.worker_status()` (sql/finalize.sql) shows these rows, of every node on Citus.
-#[pg_extern(volatile, parallel_unsafe)]
+/// `email.worker_status()` (sql/finalize.sql) shows these rows, of every node on Citus. (Its C
+/// symbol keeps the name of 0.1.0's `email.worker_status`, whose install script names it.)
+#[pg_extern(volatile, parallel_unsafe, name = "_worker_status_local")]
 #[allow(clippy::type_complexity)]
-fn _worker_status_local() -> TableIterator<
+fn worker_status() -> TableIterator<
     'static,
     (
         name!(worker, Option<i32>),

@@ -753,3 +753,25 @@ fn send_template() -> i64 {
     super::require_current_schema();
     raise(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "email.send_template is out of date", None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{INSERTS, INSERT_MESSAGE, INSERT_MESSAGE_ONCE};
+
+    #[test]
+    fn the_insert_statements_take_the_id_and_the_receipt_where_they_say() {
+        let i = &*INSERTS;
+        assert_eq!(i.by_default[0][0], INSERT_MESSAGE);
+        assert_eq!(i.by_default[1][0], INSERT_MESSAGE_ONCE);
+        assert!(i.by_default[0][1].contains("$28, $29, 'api'") && !i.by_default[0][1].contains("(id, "));
+        for once in 0..2 {
+            for receipt in 0..2 {
+                let sql = i.with_id[once][receipt];
+                assert!(sql.contains("INSERT INTO email.messages (id, ") && sql.contains("VALUES ($28, "), "{sql}");
+                assert_eq!(sql.contains("ON CONFLICT (id) DO NOTHING"), once == 1, "{sql}");
+                assert!(!sql.contains("ON CONFLICT (created_by"), "{sql}");
+                assert_eq!(sql.contains("$29, $30, 'api'"), receipt == 1, "{sql}");
+            }
+        }
+    }
+}

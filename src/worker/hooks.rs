@@ -133,7 +133,8 @@ impl Hooks {
                                 .filter_map(|r| Some((text(&r, "webhook")?, text(&r, "disable")?)))
                                 .unzip();
                         if !names.is_empty() {
-                            crate::api::run_prepared(client, DISABLE, None, &[names.into(), whys.into()]);
+                            // Not a kept plan: Citus cannot plan a generic one over a reference table.
+                            super::queue::spi(client.update(DISABLE, None, &[names.into(), whys.into()]));
                         }
                     })
                 });
@@ -321,7 +322,9 @@ fn claim(
     }
     let all = ids.clone();
     let args: Vec<DatumWithOid> = vec![ids.into(), webhooks.into(), attempts.into(), receipts.into()];
-    let claimed: Vec<Claimed> = crate::api::run_prepared(client, EVENTS, None, &args).map(|r| claimed(&r)).collect();
+    // Planned afresh each time: Citus cannot plan this join of distributed tables generically (with
+    // its parameters unknown), as a kept plan may be.
+    let claimed: Vec<Claimed> = super::queue::spi(client.select(EVENTS, None, &args)).map(|r| claimed(&r)).collect();
     if claimed.len() < all.len() {
         let gone: Vec<i64> = all.into_iter().filter(|id| !claimed.iter().any(|c| c.id == *id)).collect();
         crate::api::run_prepared(client, ORPHANED, None, &[gone.into()]);

@@ -78,7 +78,8 @@ pub struct TransportRow {
     pub dsn: String,
 }
 
-fn spi<T>(r: Result<T, pgrx::spi::SpiError>) -> T {
+/// An SPI result, or an ERROR saying it failed.
+pub(super) fn spi<T>(r: Result<T, pgrx::spi::SpiError>) -> T {
     r.unwrap_or_else(|e| pgrx::error!("pg_email worker: SPI failed: {e}"))
 }
 
@@ -538,4 +539,34 @@ pub fn fold_stats(slot: i32) -> i64 {
         }
     }
     folded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mine, over_shards, CITUS_DUE, CITUS_LEASED};
+
+    #[test]
+    fn each_worker_slot_gets_its_own_shards_and_together_all() {
+        let all: Vec<String> = (0..7).map(|i| format!("email.messages_{i}")).collect();
+        let parts: Vec<Vec<String>> = (0..3).map(|slot| mine(all.clone(), slot, 3)).collect();
+        assert_eq!(parts[0], ["email.messages_0", "email.messages_3", "email.messages_6"]);
+        let mut joined: Vec<String> = parts.concat();
+        joined.sort();
+        assert_eq!(joined, all);
+        assert_eq!(mine(all.clone(), 0, 1), all);
+        assert_eq!(mine(all.clone(), 0, 0), all, "no workers setting: one");
+    }
+
+    #[test]
+    fn a_statement_over_shards_repeats_only_the_shard_line() {
+        let sql = over_shards(CITUS_DUE, &["email.messages_1".into(), "email.messages_2".into()]);
+        assert_eq!(sql.matches("FROM email.messages_1 WHERE").count(), 1);
+        assert_eq!(sql.matches("FROM email.messages_2 WHERE").count(), 1);
+        assert_eq!(sql.lines().filter(|l| l.trim() == "UNION ALL").count(), 1);
+        assert!(!sql.lines().any(|l| !l.trim_start().starts_with("--") && l.contains("{shard}")), "{sql}");
+        // The comments that mention the placeholder are kept as they are, not repeated.
+        assert_eq!(sql.matches("{shard}").count(), CITUS_DUE.matches("{shard}").count() - 1);
+        let one = over_shards(CITUS_LEASED, &["email.messages_9".into()]);
+        assert!(!one.lines().any(|l| l.trim() == "UNION ALL") && one.contains("FROM email.messages_9 WHERE"));
+    }
 }

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import E2E_DIR, PORT, ROOT, SLOW, Db, wait_until
 from servers import SmtpSink
+from test_outbound_webhooks import Receiver
 
 CITUS_SH = os.path.join(ROOT, "scripts", "citus-cluster.sh")
 BASE = PORT + 40  # coordinator; worker nodes on BASE + 1 and BASE + 2
@@ -31,6 +32,7 @@ CONF = [
     "pg_email.lease = '20s'",
     "pg_email.retry_base = '1s'",
     "pg_email.default_sender = 'citus tests <tests@example.org>'",
+    "pg_email.webhook_allow_hosts = '127.0.0.1'",
 ]
 
 pytestmark = pytest.mark.skipif(
@@ -296,3 +298,28 @@ def test_each_role_sees_only_its_own_mail_on_every_node(citus):
     coord.all("SELECT email.revoke_send('citus_b')")
     code, _ = node(BASE + 1, user="citus_b").error("SELECT email.send(recipients => 'x@x.test', subject => 's', body => 'b')")
     assert code == "42501"
+
+
+def test_outbound_webhooks_are_posted_by_the_node_of_each_receipt(citus):
+    coord = citus["coord"]
+    rx = Receiver().start()
+    try:
+        rx.secret = coord.val("SELECT email.add_webhook('citus_hook', %s, ARRAY['sent'])", rx.url)
+        ids = [node(p).val("SELECT email.send(recipients => 'w@x.test', subject => 'hook', body => 'b')") for p in NODES]
+        wait_sent(coord, ids)
+        wait_until(lambda: {r.data.get("message_id") for r in rx.requests if r.payload} >= set(ids),
+                   "a signed delivery of each message's 'sent' event")
+        assert not rx.errors(), rx.errors()
+        # Each delivery was queued and posted on the node holding its receipt.
+        for mid in ids:
+            port = node_of(coord, mid)
+            assert node(port).val("SELECT status FROM email.webhook_deliveries d JOIN email.receipts r "
+                                  "ON r.id = d.receipt_id WHERE r.message_id = %s", mid) == "sent", (mid, port)
+        # A 410 from a worker node's post disables the webhook on every node.
+        rx.mode = "410"
+        node(BASE + 1).val("SELECT email.send(recipients => 'w@x.test', subject => 'gone', body => 'b')")
+        wait_until(lambda: all(node(p).val("SELECT NOT enabled FROM email.webhooks WHERE name = 'citus_hook'")
+                               for p in NODES), "the webhook disabled on every node")
+    finally:
+        rx.stop()
+        coord.all("SELECT email.remove_webhook('citus_hook')")
