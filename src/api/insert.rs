@@ -534,6 +534,15 @@ fn _messages_insert<'a>(
         // Stored mail (email.send's own INSERT, a restore): nothing to check or fill.
         return Ok(trigger.new());
     }
+    if super::citus::outbox().is_some() {
+        // On Citus this runs on a shard, where the rules' lookups and writes cannot reach the
+        // rest of the cluster (README, "Scaling out with Citus").
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "INSERT INTO email.messages is not supported on a distributed outbox (Citus) yet",
+            Some("Queue mail with email.send or email.send_template."),
+        )
+    }
     // SAFETY: tg_trigtuple is the row being inserted, rd_att its descriptor; the arrays are
     // sized to the descriptor's attribute count, as heap_deform_tuple requires.
     let mut row = unsafe {

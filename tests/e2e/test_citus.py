@@ -295,6 +295,13 @@ def test_each_role_sees_only_its_own_mail_on_every_node(citus):
             code, _ = d.error("INSERT INTO email.messages (recipients, subject, body, created_by) "
                               "VALUES ('{x@x.test}', 's', 'b', 'postgres')")
             assert code == "42501", (r, port)
+    # INSERT as the API is refused on a distributed outbox, storing nothing (README).
+    before = coord.val("SELECT count(*) FROM email.messages")
+    for port, user in ((BASE, "postgres"), (BASE + 1, "postgres"), (BASE + 1, "citus_a")):
+        code, msg = node(port, user=user).error("INSERT INTO email.messages (recipients, subject, body) "
+                                                "VALUES ('{i@x.test}', 'by insert', 'b')")
+        assert code in ("0A000", "42501"), (port, user, code, msg)
+    assert coord.val("SELECT count(*) FROM email.messages") == before
     coord.all("SELECT email.revoke_send('citus_b')")
     code, _ = node(BASE + 1, user="citus_b").error("SELECT email.send(recipients => 'x@x.test', subject => 's', body => 'b')")
     assert code == "42501"
