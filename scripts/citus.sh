@@ -26,7 +26,8 @@ if [ ! -f "$TARBALL" ]; then
 fi
 echo "$SHA256  $TARBALL" | sha256sum -c --quiet -
 
-deps="libcurl4-openssl-dev liblz4-dev libzstd-dev libkrb5-dev"
+# Its four libraries, and the tools a minimal Debian may lack.
+deps="libcurl4-openssl-dev liblz4-dev libzstd-dev libkrb5-dev gcc make patch"
 missing=$(for p in $deps; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)
 if [ -n "$missing" ]; then
     echo "citus: installing build dependencies:" $missing

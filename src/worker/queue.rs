@@ -218,6 +218,12 @@ fn over_shards(sql: &str, shards: &[String]) -> String {
     out
 }
 
+/// The ids a statement over this worker's local shards (`over_shards`, one argument) returns.
+fn local_ids(client: &mut pgrx::spi::SpiClient, sql: &str, shards: &[String], arg: DatumWithOid) -> Vec<i64> {
+    let sql = over_shards(sql, shards);
+    spi(client.select(&sql, None, &[arg])).first().get(1).ok().flatten().unwrap_or_default()
+}
+
 /// Claims up to `limit` due rows, with their attachments. `backlog` says the last claim came
 /// back full: walk the priority index; otherwise take the batch from a window of the oldest
 /// due rows, which stays cheap however many rows wait for a later time.
@@ -237,13 +243,7 @@ pub fn claim(outbox: &Outbox, limit: usize, lease_ms: f64, claimer: i32, backlog
                 }
                 Outbox::Citus { shards, .. } if shards.is_empty() => Vec::new(),
                 Outbox::Citus { shards, .. } => {
-                    let due = over_shards(CITUS_DUE, shards);
-                    let ids: Vec<i64> = spi(client.select(&due, None, &[(limit as i64).into()]))
-                        .first()
-                        .get(1)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
+                    let ids = local_ids(client, CITUS_DUE, shards, (limit as i64).into());
                     if ids.is_empty() {
                         return Vec::new();
                     }
@@ -424,13 +424,7 @@ pub fn reap(outbox: &Outbox, claimer: Option<i32>) -> usize {
                 Outbox::Local => spi(client.update(REAP_LEASES, None, &[claimer.into()])),
                 Outbox::Citus { shards, .. } if shards.is_empty() => return 0,
                 Outbox::Citus { shards, .. } => {
-                    let leased = over_shards(CITUS_LEASED, shards);
-                    let ids: Vec<i64> = spi(client.select(&leased, None, &[claimer.into()]))
-                        .first()
-                        .get(1)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
+                    let ids = local_ids(client, CITUS_LEASED, shards, claimer.into());
                     if ids.is_empty() {
                         return 0;
                     }

@@ -79,6 +79,13 @@ def node_of(db, mid):
                      WHERE p.shardid = get_shard_id_for_distribution_column('email.messages', %s)""", mid)
 
 
+def queue_to_sink(db, tag, n, body_bytes):
+    """Queues n messages tagged `tag` to smtp-sink (one recipient each, a body of body_bytes)."""
+    db.all("SELECT count(email.send(recipients => %s || i || '@x.test', subject => %s || ' ' || i, "
+           "body => repeat('x', %s), transport => 'sink', tags => ARRAY[%s])) FROM generate_series(1, %s) i",
+           tag, tag, body_bytes, tag, n)
+
+
 def wait_sent(db, ids, timeout=SLOW):
     q = "SELECT count(*) FROM email.messages WHERE id = ANY(%s) AND status = 'sent'"
     wait_until(lambda: db.val(q, list(ids)) == len(ids), f"{len(ids)} messages sent", timeout)
@@ -146,9 +153,7 @@ def test_twenty_thousand_messages_are_sent_once_each_by_both_worker_nodes(citus)
     coord, sink = citus["coord"], citus["sink"]
     tag = f"bulk-{uuid.uuid4().hex[:6]}"
     total = 20000
-    coord.all("SELECT count(email.send(recipients => 'r' || i || '@x.test', subject => 'bulk ' || i, "
-              "body => repeat('x', 500), transport => 'sink', tags => ARRAY[%s])) FROM generate_series(1, %s) i",
-              tag, total)
+    queue_to_sink(coord, tag, total, 500)
     q = "SELECT count(*) FROM email.messages WHERE %s = ANY(tags) AND status = 'sent'"
     wait_until(lambda: coord.val(q, tag) == total, f"{total} messages sent", timeout=300)
     ids = dict(coord.all("SELECT message_id, id FROM email.messages WHERE %s = ANY(tags)", tag))
@@ -173,9 +178,7 @@ def test_kill_9_of_one_nodes_worker_loses_nothing_and_repeats_only_its_in_flight
     coord, sink = citus["coord"], citus["sink"]
     tag = f"crash-{uuid.uuid4().hex[:6]}"
     total = 6000
-    coord.all("SELECT count(email.send(recipients => 'c' || i || '@x.test', subject => 'crash ' || i, "
-              "body => repeat('y', 2000), transport => 'sink', tags => ARRAY[%s])) FROM generate_series(1, %s) i",
-              tag, total)
+    queue_to_sink(coord, tag, total, 2000)
     victim = node(BASE + 1)
     q = "SELECT count(*) FROM email.messages WHERE %s = ANY(tags) AND status = 'sent'"
     wait_until(lambda: coord.val(q, tag) >= total // 4, "a quarter sent before the crash")
