@@ -71,8 +71,14 @@ $(SDK_DIR)/node_modules/.package-lock.json: $(SDK_DIR)/package.json $(SDK_DIR)/p
 citus: deps
 	bash scripts/citus.sh
 
+# Then the tests marked on_citus (idempotency, suppressions, topics, templates, RLS, the API's
+# validation) run again on a 3-node Citus cluster with the outbox distributed (conftest.py).
 e2e: install citus $(SDK_DIR)/node_modules/.package-lock.json
 	E2E_DIR=$(E2E_DIR) E2E_PORT=$(E2E_PORT) $(PYTHON) -m pytest -p no:cacheprovider -q tests/e2e
+	@if bash scripts/citus.sh --check; then \
+		E2E_CITUS=1 E2E_DIR=$(E2E_DIR)/on-citus E2E_PORT=$$(( $(E2E_PORT) + 60 )) \
+			$(PYTHON) -m pytest -p no:cacheprovider -q -m on_citus tests/e2e; \
+	else echo "Citus is not installed (no ../shared/vendor): the on_citus tests are not run on a cluster"; fi
 
 demo: install
 	@bash scripts/demo.sh

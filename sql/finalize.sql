@@ -180,12 +180,13 @@ BEGIN
     RETURN n > 0;
 END $$;
 
--- True when role `caller` may act on (cancel, retry) a message queued by `created_by`: it queued
--- the message, or it is a member of the extension owner's role. The one definition of that rule.
-CREATE FUNCTION email._may_act(created_by text, caller text) RETURNS boolean
+-- True when role `caller` may act on (cancel, retry) every message, not only those it queued:
+-- it is a member of the extension owner's role. A role may act on a message when
+-- `m.created_by = caller OR email._may_act_on_all(caller)`; the function takes no column, so
+-- Citus can evaluate it once on the coordinator in an UPDATE of the distributed outbox.
+CREATE FUNCTION email._may_act_on_all(caller text) RETURNS boolean
 LANGUAGE sql STABLE
-RETURN created_by = caller
-    OR pg_has_role(caller, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER');
+RETURN pg_has_role(caller, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'pg_email'), 'MEMBER');
 
 -- The bare, lower-cased address of a stored mailbox ('Ada <Ada@X.org>' -> 'ada@x.org').
 CREATE FUNCTION email._address(mailbox text) RETURNS text
@@ -1534,7 +1535,7 @@ SELECT pg_catalog.pg_extension_config_dump('email.api_key_hashes', '');
 
 -- What each object is for, as \d+ and \df+ show it.
 COMMENT ON TYPE email.status IS 'Where a message is: queued (due at next_attempt_at), sending (claimed by a worker under a lease), sent, delivered, bounced, failed, cancelled or suppressed (every recipient was on the suppression list).';
-COMMENT ON FUNCTION email._may_act(text, text) IS 'True when a role may cancel or retry a message: it queued it, or it is a member of the extension owner''s role.';
+COMMENT ON FUNCTION email._may_act_on_all(text) IS 'True when a role may cancel or retry every message, not only those it queued: it is a member of the extension owner''s role.';
 COMMENT ON FUNCTION email._is_finished(email.status) IS 'True for the statuses a message does not leave by itself; the one definition used by indexes, email.purge and the retention purge.';
 
 COMMENT ON TABLE email.transports IS 'Named transports (SMTP, provider APIs, file, capture). Register or replace them with email.add_transport; the DSN shown here has its secret replaced by ***.';

@@ -5,5 +5,5 @@ FROM email.messages m
 WHERE m.status = ANY ($1::email.status[])
   AND ($2::text IS NULL OR m.transport = $2)
   AND ($3::timestamptz IS NULL OR m.updated_at >= $3)
-  AND email._may_act(m.created_by, $4)
+  AND (m.created_by = $4 OR email._may_act_on_all($4))
 ORDER BY m.id

@@ -1,6 +1,12 @@
 """End-to-end fixtures: one throwaway PostgreSQL cluster, started as user postgres with pg_email
 preloaded, shared by the whole session. Database `mail` has the worker; database `api` has the
-extension but no worker, so rows queued there stay exactly as email.send stored them."""
+extension but no worker, so rows queued there stay exactly as email.send stored them.
+
+With E2E_CITUS=1 the session's cluster is a Citus cluster instead (scripts/citus-cluster.sh: a
+coordinator on E2E_PORT, worker nodes on E2E_PORT + 1 and + 2, no listener), and both databases
+are distributed with email.distribute() before the first test. `make test` so runs the tests
+marked `on_citus` (the single-node tests of the behaviour a distributed outbox must keep) a second
+time, through the coordinator."""
 import collections
 import os
 import signal
@@ -24,6 +30,8 @@ INBOUND_PORT = PORT + 12  # the listener's SMTP/LMTP service (bounce, complaint 
 SUBMISSION_PORT = PORT + 13
 CLUSTER_DIR = os.path.join(E2E_DIR, "pg")
 CLUSTER_SH = os.path.join(ROOT, "scripts", "cluster.sh")
+CITUS = os.environ.get("E2E_CITUS") == "1"
+CITUS_SH = os.path.join(ROOT, "scripts", "citus-cluster.sh")
 PGBIN = "/usr/lib/postgresql/15/bin"
 # How long a wait may take before a test fails: generous, for a loaded 2-core CI machine.
 SLOW = 120.0
@@ -241,12 +249,19 @@ def empty_outbox(mail):
 
 
 def server_log():
-    with open(os.path.join(CLUSTER_DIR, "server.log"), errors="replace") as f:
+    with open(os.path.join(CLUSTER_DIR, "n0" if CITUS else "", "server.log"), errors="replace") as f:
         return f.read()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "on_citus: also run against a distributed outbox (E2E_CITUS=1)")
 
 
 @pytest.fixture(scope="session")
 def cluster():
+    if CITUS:
+        yield from citus_cluster()
+        return
     subprocess.run(["bash", CLUSTER_SH, "start", CLUSTER_DIR, str(PORT), "mail", *CONF], check=True)
     admin = Db(connect("postgres"))
     admin.all("CREATE DATABASE api")
@@ -254,6 +269,38 @@ def cluster():
         Db(connect(db)).all("CREATE EXTENSION pg_email")
     yield
     subprocess.run(["bash", CLUSTER_SH, "stop", CLUSTER_DIR], check=False)
+
+
+def citus_cluster():
+    """The E2E_CITUS=1 cluster: coordinator and two worker nodes, `mail` (whose outbox the nodes'
+    workers drain) and `api` (no worker) each a Citus database with email.distribute() run."""
+    conf = [c for c in CONF if not c.startswith(("pg_email.listen_address", "pg_email.inbound_address",
+                                                 "pg_email.submission_address"))]
+    subprocess.run(["bash", CITUS_SH, "start", CLUSTER_DIR, str(PORT), "mail", *conf], check=True)
+    try:
+        nodes = (PORT, PORT + 1, PORT + 2)
+        for p in nodes:
+            c = psycopg2.connect(host="127.0.0.1", port=p, dbname="postgres", user="postgres")
+            c.autocommit = True
+            Db(c).all("CREATE DATABASE api")
+            c.close()
+            c = psycopg2.connect(host="127.0.0.1", port=p, dbname="api", user="postgres")
+            c.autocommit = True
+            Db(c).all("CREATE EXTENSION citus")
+            c.close()
+        api = Db(connect("api"))
+        api.all("SELECT citus_set_coordinator_host('127.0.0.1', %s)", PORT)
+        for p in nodes[1:]:
+            api.all("SELECT citus_add_node('127.0.0.1', %s)", p)
+        for db in ("mail", "api"):
+            d = Db(connect(db))
+            d.all("CREATE EXTENSION pg_email")
+            assert d.val("SELECT email.distribute()").startswith("distributed:"), db
+            d.conn.close()
+        api.conn.close()
+        yield
+    finally:
+        subprocess.run(["bash", CITUS_SH, "stop", CLUSTER_DIR], check=False)
 
 
 @pytest.fixture

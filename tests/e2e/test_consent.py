@@ -308,6 +308,7 @@ def forget_between_totals(address, mids):
 # Topics at enqueue
 
 
+@pytest.mark.on_citus
 def test_opt_in_topic_sends_only_to_subscribers(db):
     t = new_topic(db, False)
     never, joined = addr("never"), addr("joined")
@@ -331,6 +332,7 @@ def test_opt_in_topic_sends_only_to_subscribers(db):
     check_dropped_for_topic(db, both.mid, [never], t)
 
 
+@pytest.mark.on_citus
 def test_opt_out_topic_drops_only_those_who_left(db):
     t = new_topic(db, True)
     stays, joined, left = addr("stays"), addr("joined"), addr("left")
@@ -351,6 +353,7 @@ def test_opt_out_topic_drops_only_those_who_left(db):
     assert envelope(deliver(db, [left], topic=t)) == [left]
 
 
+@pytest.mark.on_citus
 def test_unsubscribe_without_topic_suppresses_and_bad_input_is_refused(db):
     a = addr("everything")
     t = new_topic(db, True)
@@ -367,6 +370,7 @@ def test_unsubscribe_without_topic_suppresses_and_bad_input_is_refused(db):
     assert code == "22023", (code, msg)
 
 
+@pytest.mark.on_citus
 def test_unknown_topic_is_42704_and_stores_nothing(db):
     missing = f"no-such-topic-{uuid.uuid4().hex[:10]}"
     to = addr("unknown-topic")

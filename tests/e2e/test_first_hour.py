@@ -8,6 +8,8 @@ import subprocess
 import time
 import uuid
 
+import pytest
+
 from conftest import E2E_DIR, Db, connect, send, server_log, wait_status, worker_pids
 
 
@@ -134,6 +136,7 @@ def test_transport_mistakes_are_refused_at_once_with_the_real_cause(api, mail):
     assert f'transport "ca_gone" cannot be used: cannot read ca={ca}' in mail.val("SELECT last_error FROM email.messages WHERE id = %s", mid)
 
 
+@pytest.mark.on_citus
 def test_idempotency_keys_are_scoped_to_the_role_and_to_the_content(api):
     """Steps 14 and 45: a key another role used swallowed this role's mail (and returned an id
     it cannot see); the same key with different content was accepted silently."""
@@ -205,6 +208,7 @@ def test_retries_last_about_a_day_and_recover_without_suppressed_recipients(api)
     assert code == "22023" and "invalid status" in msg
 
 
+@pytest.mark.on_citus
 def test_suppressions_take_any_case_a_default_reason_and_whole_domains(api):
     """Step 19: mixed case failed with a raw check violation, reason had no default, and a
     '*@domain' row was accepted but never matched."""
@@ -300,6 +304,7 @@ def test_templated_mail_shows_what_was_rendered_and_the_readme_trigger_works(mai
     assert "Everything half price." in parts["text/plain"].replace("*", "")
 
 
+@pytest.mark.on_citus
 def test_template_mistakes_are_refused_when_saved(api):
     """Step 28: an unknown filter and a missing extends target were saved fine and failed only
     when mail was rendered."""

@@ -28,6 +28,7 @@ def text_of(msg, kind):
     return part.get_content() if part is not None else None
 
 
+@pytest.mark.on_citus
 def test_syntax_errors_are_refused_with_part_line_and_column(tpl):
     code, msg = tpl.error("INSERT INTO email.templates (name, subject, body) VALUES ('tt_bad', 'Hi', E'line one\\nHello {{ name }')")
     assert code == "42601" and "body part, line 2, column" in msg, msg
@@ -39,6 +40,7 @@ def test_syntax_errors_are_refused_with_part_line_and_column(tpl):
     assert tpl.val("SELECT version FROM email.templates WHERE name = 'tt_ok'") == 1
 
 
+@pytest.mark.on_citus
 def test_queued_message_keeps_its_version(tpl):
     tpl.all("INSERT INTO email.templates (name, subject, body) VALUES ('tt_v', 'Order {{ n }}', 'Old text {{ n }}')")
     mid = tpl.val("SELECT email.send_template('tt_v', 'a@x.test', '{\"n\": 1}', transport => 'tcap', send_at => now() + interval '2 seconds')")
@@ -52,6 +54,7 @@ def test_queued_message_keeps_its_version(tpl):
     assert tpl.val("SELECT count(*) FROM email.template_versions WHERE name = 'tt_v'") == 2
 
 
+@pytest.mark.on_citus
 def test_layouts_partials_escaping_and_preview_equals_delivery(tpl):
     tpl.all("""INSERT INTO email.templates (name, subject, body, html) VALUES
         ('tt_base', '[Shop] {% block s %}{% endblock %}',
@@ -76,6 +79,7 @@ def test_layouts_partials_escaping_and_preview_equals_delivery(tpl):
     assert code == "2BP01" and "tt_base" in msg
 
 
+@pytest.mark.on_citus
 def test_missing_variable_fails_at_enqueue_and_defaults_pass(tpl):
     tpl.all("INSERT INTO email.templates (name, subject, body) VALUES ('tt_strict', 'Hi {{ name }}', 'x')")
     code, msg = tpl.error("SELECT email.send_template('tt_strict', 'a@x.test', '{}', transport => 'tcap')")
