@@ -1289,6 +1289,29 @@ BEGIN
         RAISE EXCEPTION 'on the worker nodes: %', failed;
     END IF;
 END $$;
+
+-- For upgrade scripts (sql/pg_email--A--B.sql): runs `command`, a DDL statement on table `tbl`,
+-- so that ALTER EXTENSION pg_email UPDATE also works after email.distribute(). Run on the
+-- coordinator, Citus sends a statement on a distributed or reference table to every shard as
+-- the statement's text, and in an extension script that text would be the whole script; through
+-- EXECUTE it is the one statement. Citus then runs ALTER EXTENSION UPDATE on each worker node,
+-- whose copy of `tbl` and shards the coordinator has already changed: there it does nothing.
+-- Elsewhere (one server, or a Citus table not distributed) it runs `command`.
+CREATE FUNCTION email._upgrade_ddl(tbl regclass, command text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    done_here boolean;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE $q$SELECT NOT citus_is_coordinator()
+                          AND EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = $1)$q$
+            INTO STRICT done_here USING tbl;
+        IF done_here THEN
+            RETURN;
+        END IF;
+    END IF;
+    EXECUTE command;
+END $$;
 -- What sending takes, in one call: email.send and email.send_template, INSERT on the columns a
 -- message is made of, SELECT on the outbox and its receipts (row-level security shows a role
 -- its own mail only).
