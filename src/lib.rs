@@ -20,6 +20,7 @@ pub mod api;
 pub mod bgw;
 pub mod catalog;
 pub mod dashboard;
+pub mod datetime;
 pub mod deliver;
 pub mod dkim;
 pub mod draft;

@@ -206,7 +206,7 @@ pub fn body(e: &Event) -> Vec<u8> {
     let empty = Value::Object(serde_json::Map::new());
     let envelope = Envelope {
         kind: format!("email.{}", e.event),
-        timestamp: rfc3339(e.at),
+        timestamp: crate::datetime::rfc3339(e.at),
         data: Data {
             message_id: e.message_id,
             receipt_id: e.receipt_id,
@@ -240,70 +240,6 @@ pub fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
-}
-
-/// Unix seconds as RFC 3339 in UTC with milliseconds, `2024-02-29T12:34:56.789Z`. The time is
-/// rounded to microseconds (Postgres' precision) and then truncated to milliseconds, as
-/// `date_trunc('milliseconds', at)`. Outside years 0000-9999 it is clamped to them; NaN is
-/// the epoch.
-pub fn rfc3339(unix_secs: f64) -> String {
-    const MIN_MS: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00.000Z
-    const MAX_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
-                                             // `as` saturates and maps NaN to 0.
-    let micros = (unix_secs * 1e6).round() as i64;
-    let ms = micros.div_euclid(1000).clamp(MIN_MS, MAX_MS);
-    let (days, ms) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s, milli) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
-}
-
-/// Unix seconds as an RFC 5322 date in UTC, `Mon, 30 Nov 2026 12:34:56 +0000` (a Date field).
-pub fn rfc5322_date(unix_secs: f64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]; // 1970-01-01 was a Thursday
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let secs = unix_secs.floor().clamp(0.0, 253_402_300_799.0) as i64;
-    let (days, s) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    let weekday = DAYS[days.rem_euclid(7) as usize];
-    let month = MONTHS[(m as usize).saturating_sub(1).min(11)];
-    format!("{weekday}, {d:02} {month} {y:04} {:02}:{:02}:{:02} +0000", s / 3600, s / 60 % 60, s % 60)
-}
-
-/// The proleptic Gregorian date of a day number (days since 1970-01-01), after Howard
-/// Hinnant's `civil_from_days` (<http://howardhinnant.github.io/date_algorithms.html>).
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // day of the 400-year era, 0..=146096
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of the year from March 1st
-    let mp = (5 * doy + 2) / 153; // month from March, 0..=11
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// The day number (days since 1970-01-01) of a proleptic Gregorian date; the inverse of
-/// [`civil_from_days`].
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,39 +591,9 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
         value.parse::<u64>().unwrap_or(u64::MAX)
     } else {
         let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        http_date(value)?.saturating_sub(now).max(0) as u64
+        crate::datetime::http_date(value)?.saturating_sub(now).max(0) as u64
     };
     Some(Duration::from_secs(secs).min(RETRY_AFTER_CAP))
-}
-
-/// Unix seconds of an HTTP-date: `Sun, 06 Nov 1994 08:49:37 GMT` (IMF-fixdate),
-/// `Sunday, 06-Nov-94 08:49:37 GMT` (RFC 850) or `Sun Nov  6 08:49:37 1994` (asctime).
-fn http_date(value: &str) -> Option<i64> {
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let spaced = value.replace([',', '-'], " ");
-    let words: Vec<&str> = spaced.split_whitespace().collect();
-    let (day, month, year, time) = match words.as_slice() {
-        [_, day, month, year, time, "GMT"] => (*day, *month, *year, *time),
-        [_, month, day, time, year] => (*day, *month, *year, *time),
-        _ => return None,
-    };
-    let number = |s: &str, digits: std::ops::RangeInclusive<usize>| {
-        (digits.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<i64>().ok()).flatten()
-    };
-    let year = match year.len() {
-        2 => number(year, 2..=2).map(|y| if y < 70 { 2000 + y } else { 1900 + y })?,
-        _ => number(year, 4..=4)?,
-    };
-    let month = MONTHS.iter().position(|m| m.eq_ignore_ascii_case(month))? as u32 + 1;
-    let day = number(day, 1..=2)?;
-    let [h, m, s] = match time.split(':').collect::<Vec<_>>().as_slice() {
-        [h, m, s] => [number(h, 2..=2)?, number(m, 2..=2)?, number(s, 2..=2)?],
-        _ => return None,
-    };
-    if day < 1 || day > i64::from(days_in_month(year, month)) || h > 23 || m > 59 || s > 60 {
-        return None;
-    }
-    Some(days_from_civil(year, month, day as u32) * 86_400 + h * 3600 + m * 60 + s)
 }
 
 /// Why a request got no answer, in a few words for `last_error`: a timeout, a refused or reset
@@ -959,59 +865,6 @@ mod tests {
         assert_eq!(truncate("héllo", 3), "hé");
         assert_eq!(truncate("😀", 3), "");
         assert_eq!(truncate("", 0), "");
-    }
-
-    /// Expected values from Python: `(datetime(1970,1,1,tzinfo=timezone.utc) +
-    /// timedelta(seconds=t)).isoformat(timespec='microseconds')`, cut to milliseconds.
-    #[test]
-    fn rfc5322_dates() {
-        assert_eq!(rfc5322_date(0.0), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_796_040_000.5), "Mon, 30 Nov 2026 12:00:00 +0000");
-        assert_eq!(rfc5322_date(951_782_400.0), "Tue, 29 Feb 2000 00:00:00 +0000");
-    }
-
-    #[test]
-    fn rfc3339_formats_known_dates_including_leap_years() {
-        let cases: [(f64, &str); 17] = [
-            (0.0, "1970-01-01T00:00:00.000Z"),
-            (951_782_400.0, "2000-02-29T00:00:00.000Z"), // 2000 is a leap year (÷400)
-            (1_709_210_096.789, "2024-02-29T12:34:56.789Z"),
-            (4_107_542_400.0, "2100-03-01T00:00:00.000Z"), // 2100 is not (÷100)
-            (4_107_542_399.999_5, "2100-02-28T23:59:59.999Z"),
-            (-2_203_891_200.0, "1900-03-01T00:00:00.000Z"), // 1900 is not either
-            (1_704_164_645.123_456, "2024-01-02T03:04:05.123Z"),
-            (1.000_5, "1970-01-01T00:00:01.000Z"),
-            (68.2, "1970-01-01T00:01:08.200Z"),
-            (-1.0, "1969-12-31T23:59:59.000Z"),
-            (-0.5, "1969-12-31T23:59:59.500Z"),
-            (-62_135_596_800.0, "0001-01-01T00:00:00.000Z"),
-            (253_402_300_799.0, "9999-12-31T23:59:59.000Z"),
-            (f64::NAN, "1970-01-01T00:00:00.000Z"),
-            (f64::INFINITY, "9999-12-31T23:59:59.999Z"),
-            (1e300, "9999-12-31T23:59:59.999Z"),
-            (f64::NEG_INFINITY, "0000-01-01T00:00:00.000Z"),
-        ];
-        for (t, expected) in cases {
-            assert_eq!(rfc3339(t), expected, "{t}");
-        }
-    }
-
-    #[test]
-    fn day_numbers_and_dates_round_trip() {
-        let mut previous = civil_from_days(-800_001);
-        for day in -800_000..800_000 {
-            let (y, m, d) = civil_from_days(day);
-            assert_eq!(days_from_civil(y, m, d), day);
-            assert!((1..=12).contains(&m) && d >= 1 && d <= days_in_month(y, m), "{y}-{m}-{d}");
-            let (py, pm, pd) = previous;
-            let next_day = (y, m, d) == (py, pm, pd + 1);
-            let next_month = d == 1 && pd == days_in_month(py, pm) && (y, m) == (py, pm + 1);
-            let next_year = (y, m, d) == (py + 1, 1, 1) && (pm, pd) == (12, 31);
-            assert!(next_day || next_month || next_year, "{previous:?} then {y}-{m}-{d}");
-            previous = (y, m, d);
-        }
-        assert_eq!([2000, 2024, 1600].map(|y| days_in_month(y, 2)), [29; 3]);
-        assert_eq!([1900, 2100, 2023].map(|y| days_in_month(y, 2)), [28; 3]);
     }
 
     // -- URL policy ------------------------------------------------------------------------
@@ -1565,8 +1418,5 @@ mod tests {
         for (value, expected) in cases {
             assert_eq!(parse_retry_after(value, rfc_now()), expected, "{value:?}");
         }
-        assert_eq!(http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
-        assert_eq!(http_date("Tue, 29 Feb 2000 00:00:00 GMT"), Some(951_782_400));
-        assert_eq!(http_date("Wed, 29 Feb 2023 00:00:00 GMT"), None);
     }
 }

@@ -181,8 +181,8 @@ pub async fn handle(state: &Rc<State>, peer: SocketAddr, route: Route, req: Requ
         dry_run,
     };
     match state.ask(Job::Send(Box::new(job))).await {
-        Answer::Sent(_) if dry_run => respond(sendapi::validated(route, &calls, &crate::outbound::rfc3339(now_secs()))),
-        Answer::Sent(ids) => respond(sendapi::accepted(route, &calls, &ids, &crate::outbound::rfc3339(now_secs()))),
+        Answer::Sent(_) if dry_run => respond(sendapi::validated(route, &calls, &crate::datetime::rfc3339(now_secs()))),
+        Answer::Sent(ids) => respond(sendapi::accepted(route, &calls, &ids, &crate::datetime::rfc3339(now_secs()))),
         Answer::NotSent(n) if n.sqlstate == super::send::ROLE_UNUSABLE => refuse(Refusal::Forbidden),
         Answer::NotSent(n) if n.sqlstate == KEY_REVOKED => refuse(Refusal::InvalidKey),
         Answer::NotSent(n) => {
@@ -263,7 +263,7 @@ pub async fn submit(state: &Rc<State>, envelope: super::smtp::Envelope) -> super
         }
     }
     state.send.used.borrow_mut().insert(key.name.clone(), now_secs());
-    let date = crate::outbound::rfc5322_date(now_secs());
+    let date = crate::datetime::rfc5322_date(now_secs());
     let prepared = match crate::submission::prepare(&envelope.raw, crate::message::new_message_id_for, &date) {
         Ok(p) => p,
         Err(why) => return Stored::Refused(format!("554 5.6.0 {why}")),

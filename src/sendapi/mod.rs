@@ -778,91 +778,6 @@ pub(crate) fn check_address(field: &str, email: &str) -> Result<(), Refusal> {
 /// A mailbox as `email.send` reads it (pg_email's one way of writing one).
 pub(crate) use crate::message::mailbox_of as mailbox;
 
-/// The latest Unix time accepted (9999-12-31T23:59:59Z).
-pub(crate) const MAX_UNIX: i64 = 253_402_300_799;
-
-/// Unix seconds → `YYYY-MM-DDTHH:MM:SSZ`; None outside 1970..=9999.
-pub(crate) fn rfc3339_from_unix(secs: i64) -> Option<String> {
-    if !(0..=MAX_UNIX).contains(&secs) {
-        return None;
-    }
-    let (y, m, d) = crate::outbound::civil_from_days(secs.div_euclid(86_400));
-    let s = secs.rem_euclid(86_400);
-    Some(format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60))
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => 29,
-        2 => 28,
-        _ => 0,
-    }
-}
-
-/// An ISO 8601 / RFC 3339 date and time (`2024-08-05T11:52:01.858Z`, `…+02:00`, `…+0200`, a
-/// space for the `T`, seconds optional), normalized to RFC 3339; a time without an offset is UTC.
-/// None for anything else (natural language such as `in 1 min` included).
-pub(crate) fn iso8601(text: &str) -> Option<String> {
-    let b = text.trim().as_bytes();
-    let num = |at: usize, len: usize| -> Option<u32> {
-        let part = b.get(at..at + len)?;
-        if !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        part.iter().try_fold(0u32, |n, d| n.checked_mul(10)?.checked_add(u32::from(d - b'0')))
-    };
-    let is = |at: usize, c: &[u8]| b.get(at).is_some_and(|x| c.contains(x));
-    let year = num(0, 4)?;
-    let month = num(5, 2)?;
-    let day = num(8, 2)?;
-    if !is(4, b"-") || !is(7, b"-") || !is(10, b"Tt ") || !is(13, b":") {
-        return None;
-    }
-    let (hour, minute) = (num(11, 2)?, num(14, 2)?);
-    let mut at = 16;
-    let mut second = 0;
-    let mut frac = String::new();
-    if is(16, b":") {
-        second = num(17, 2)?;
-        at = 19;
-        if is(19, b".,") {
-            let digits = b.get(20..).unwrap_or_default().iter().take_while(|c| c.is_ascii_digit()).count();
-            if digits == 0 || digits > 9 {
-                return None;
-            }
-            frac.push('.');
-            frac.extend(b.get(20..20 + digits)?.iter().map(|&c| char::from(c)));
-            at = 20 + digits;
-        }
-    }
-    let zone = b.get(at..)?;
-    let offset = match zone {
-        b"" | b"Z" | b"z" => "Z".to_string(),
-        [sign @ (b'+' | b'-'), rest @ ..] => {
-            let (hh, mm) = match rest {
-                [_, _] => (num(at + 1, 2)?, 0),
-                [_, _, b':', _, _] => (num(at + 1, 2)?, num(at + 4, 2)?),
-                [_, _, _, _] => (num(at + 1, 2)?, num(at + 3, 2)?),
-                _ => return None,
-            };
-            if hh > 23 || mm > 59 {
-                return None;
-            }
-            format!("{}{hh:02}:{mm:02}", char::from(*sign))
-        }
-        _ => return None,
-    };
-    if year == 0 || !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-        return None;
-    }
-    if hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    Some(format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{frac}{offset}"))
-}
-
 /// A JSON reply.
 pub(crate) fn json_reply(status: u16, body: &Value, mut headers: Vec<(&'static str, String)>) -> Reply {
     headers.insert(0, ("content-type", "application/json".to_string()));
@@ -1063,56 +978,6 @@ mod tests {
         let edge = "k".repeat(253);
         assert_eq!(derived_key(&edge, 1), format!("{edge}[1]"));
         assert_eq!(derived_key(&edge, 10).chars().count(), 68);
-    }
-
-    #[test]
-    fn iso8601_times() {
-        let cases = [
-            ("2024-08-05T11:52:01.858Z", Some("2024-08-05T11:52:01.858Z")),
-            ("2024-08-05T11:52:01Z", Some("2024-08-05T11:52:01Z")),
-            ("2024-08-05t11:52:01z", Some("2024-08-05T11:52:01Z")),
-            ("2024-08-05 11:52:01+02:00", Some("2024-08-05T11:52:01+02:00")),
-            ("2024-08-05T11:52:01-0530", Some("2024-08-05T11:52:01-05:30")),
-            ("2024-08-05T11:52+01", Some("2024-08-05T11:52:00+01:00")),
-            ("2024-08-05T11:52:01", Some("2024-08-05T11:52:01Z")),
-            ("2024-08-05T11:52:01,5Z", Some("2024-08-05T11:52:01.5Z")),
-            (" 2024-02-29T00:00:00Z ", Some("2024-02-29T00:00:00Z")),
-            ("2016-12-31T23:59:60Z", Some("2016-12-31T23:59:60Z")),
-            ("2023-02-29T00:00:00Z", None),
-            ("2024-13-01T00:00:00Z", None),
-            ("2024-00-01T00:00:00Z", None),
-            ("2024-04-31T00:00:00Z", None),
-            ("2024-08-05T24:00:00Z", None),
-            ("2024-08-05T11:60:00Z", None),
-            ("2024-08-05T11:52:01+24:00", None),
-            ("2024-08-05T11:52:01.Z", None),
-            ("2024-08-05T11:52:01.1234567890Z", None),
-            ("2024-08-05T11:52:01ZZ", None),
-            ("2024-08-05", None),
-            ("0000-01-01T00:00:00Z", None),
-            ("in 1 min", None),
-            ("tomorrow at 9am", None),
-            ("", None),
-            ("2024-08-05T11:52:01+2", None),
-            ("２０２４-08-05T11:52:01Z", None),
-            ("+2024-08-05T11:52:01Z", None),
-        ];
-        for (text, want) in cases {
-            assert_eq!(iso8601(text).as_deref(), want, "{text}");
-        }
-    }
-
-    #[test]
-    fn unix_times() {
-        assert_eq!(rfc3339_from_unix(0).as_deref(), Some("1970-01-01T00:00:00Z"));
-        assert_eq!(rfc3339_from_unix(1_714_060_800).as_deref(), Some("2024-04-25T16:00:00Z"));
-        assert_eq!(rfc3339_from_unix(1_709_164_799).as_deref(), Some("2024-02-28T23:59:59Z"));
-        assert_eq!(rfc3339_from_unix(1_709_164_800).as_deref(), Some("2024-02-29T00:00:00Z"));
-        assert_eq!(rfc3339_from_unix(951_782_400).as_deref(), Some("2000-02-29T00:00:00Z"));
-        assert_eq!(rfc3339_from_unix(MAX_UNIX).as_deref(), Some("9999-12-31T23:59:59Z"));
-        assert_eq!(rfc3339_from_unix(MAX_UNIX + 1), None);
-        assert_eq!(rfc3339_from_unix(-1), None);
-        assert_eq!(rfc3339_from_unix(i64::MIN), None);
     }
 
     #[test]
@@ -1839,17 +1704,6 @@ mod tests {
             prop_assert!(serde_json::from_str::<Value>(&batch_refused(route, 0, 2, &r).body).is_ok());
         }
 
-        #[test]
-        fn iso8601_output_parses_again(y in 1u32..9999, mo in 1u32..13, d in 1u32..29, h in 0u32..24, mi in 0u32..60, s in 0u32..60) {
-            let text = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z");
-            prop_assert_eq!(iso8601(&text), Some(text.clone()));
-        }
-
-        #[test]
-        fn unix_times_round_trip_through_iso8601(secs in 0i64..=MAX_UNIX) {
-            let text = rfc3339_from_unix(secs).unwrap_or_default();
-            prop_assert_eq!(iso8601(&text), Some(text));
-        }
     }
 
     /// A valid request of each route using most members.

@@ -33,8 +33,8 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    attachment, iso8601, json_reply, kind, retry_secs, sentence, show, string_object, wrong, Call, Obj, Parsed,
-    Refusal, Reply, Route, IDEMPOTENCY_HEADER, REQUIRED,
+    attachment, json_reply, kind, retry_secs, sentence, show, string_object, wrong, Call, Obj, Parsed, Refusal, Reply,
+    Route, IDEMPOTENCY_HEADER, REQUIRED,
 };
 
 /// Most emails in one batch.
@@ -113,7 +113,7 @@ fn email(v: &Value, in_batch: bool) -> Result<Call, Refusal> {
                 "is not supported in a batch (as in Resend); send a scheduled email to POST /emails",
             ));
         }
-        let normalized = iso8601(at).ok_or_else(|| {
+        let normalized = crate::datetime::parse_iso8601(at).map(|t| t.rfc3339()).ok_or_else(|| {
             Refusal::invalid(
                 "scheduled_at",
                 format!(

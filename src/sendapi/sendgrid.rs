@@ -41,9 +41,10 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    attachment, check_address, check_single_line, json_reply, mailbox, retry_secs, rfc3339_from_unix, sentence, show,
-    wrong, Call, Obj, Parsed, Refusal, Reply, IDEMPOTENCY_HEADER, MAX_UNIX, REQUIRED,
+    attachment, check_address, check_single_line, json_reply, mailbox, retry_secs, sentence, show, wrong, Call, Obj,
+    Parsed, Refusal, Reply, IDEMPOTENCY_HEADER, REQUIRED,
 };
+use crate::datetime::MAX_UNIX;
 
 /// Most personalizations in one request.
 pub const MAX_PERSONALIZATIONS: usize = 1000;
@@ -332,7 +333,7 @@ fn send_at(o: &Obj<'_>) -> Result<Option<String>, Refusal> {
         }),
         _ => return Err(wrong(&o.field("send_at"), "a Unix timestamp (a whole number of seconds)", v)),
     };
-    let text = secs.and_then(rfc3339_from_unix).ok_or_else(|| {
+    let text = secs.and_then(crate::datetime::rfc3339_seconds).ok_or_else(|| {
         Refusal::invalid(
             o.field("send_at"),
             format!("must be a Unix timestamp: a whole number of seconds from 0 to {MAX_UNIX}"),

@@ -415,76 +415,10 @@ pub fn is_machine_agent(ua: &str) -> bool {
     MARKERS.iter().any(|m| ua.contains(m))
 }
 
-/// Unix seconds of an RFC 3339 time as providers write it: `2024-01-02T03:04:05Z`,
-/// `2024-01-02T03:04:05.9070259-05:00`, `2024-01-02 03:04:05.123+00`; None for anything else.
-pub(crate) fn rfc3339(s: &str) -> Option<f64> {
-    let b = s.trim().as_bytes();
-    let digits = |from: usize, n: usize| -> Option<i64> {
-        let d = b.get(from..from + n)?;
-        d.iter().try_fold(0i64, |acc, c| c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0')))
-    };
-    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
-    let (hour, minute, second) = (digits(11, 2)?, digits(14, 2)?, digits(17, 2)?);
-    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || !matches!(b.get(10), Some(b'T' | b't' | b' ')) {
-        return None;
-    }
-    if b.get(13) != Some(&b':') || b.get(16) != Some(&b':') {
-        return None;
-    }
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut frac = 0.0;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        let f = std::str::from_utf8(b.get(start..i)?).ok()?;
-        if f.is_empty() {
-            return None;
-        }
-        frac = format!("0.{f}").parse::<f64>().ok()?;
-    }
-    let offset = match b.get(i) {
-        None => 0, // no zone: taken as UTC
-        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
-        Some(sign @ (b'+' | b'-')) => {
-            let h = digits(i + 1, 2)?;
-            let rest = b.get(i + 3..)?;
-            let m = match rest {
-                [] => 0,
-                [b':', ..] if rest.len() == 3 => digits(i + 4, 2)?,
-                _ if rest.len() == 2 => digits(i + 3, 2)?,
-                _ => return None,
-            };
-            let o = h * 3600 + m * 60;
-            if *sign == b'+' {
-                o
-            } else {
-                -o
-            }
-        }
-        _ => return None,
-    };
-    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    Some(secs as f64 + frac)
-}
-
 /// A time given as Unix seconds (a number or numeric string) or as RFC 3339.
 pub(crate) fn time(v: Option<&Value>) -> Option<f64> {
     match v? {
-        Value::String(s) => rfc3339(s).or_else(|| number(v)),
+        Value::String(s) => crate::datetime::parse_iso8601(s).map(|t| t.unix_seconds()).or_else(|| number(v)),
         other => number(Some(other)),
     }
 }
@@ -784,30 +718,9 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_times() {
-        assert_eq!(rfc3339("1970-01-01T00:00:00Z"), Some(0.0));
-        assert_eq!(rfc3339("2024-01-02T03:04:05Z"), Some(1_704_164_645.0));
-        assert_eq!(rfc3339("2024-01-02T03:04:05.5Z"), Some(1_704_164_645.5));
-        assert_eq!(rfc3339("2024-01-01T22:04:05-05:00"), Some(1_704_164_645.0));
-        assert_eq!(rfc3339("2024-01-02 04:04:05.000+01"), Some(1_704_164_645.0));
-        assert_eq!(rfc3339("2024-01-02T04:04:05+0100"), Some(1_704_164_645.0));
-        assert_eq!(rfc3339("2024-01-02T03:04:05"), Some(1_704_164_645.0));
-        assert_eq!(rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400.0));
-        let ms = rfc3339("2019-11-05T16:33:54.9070259Z").unwrap();
-        assert!((ms - 1_572_971_634.907_025_9).abs() < 1e-6, "{ms}");
-        for bad in [
-            "",
-            "2024",
-            "2024-13-01T00:00:00Z",
-            "2024-01-02T03:04:05Zjunk",
-            "2024-01-02T03:04:05.Z",
-            "2024-01-02X03:04:05Z",
-            "2024-01-02T03:04:05+1",
-            "２０２４-01-02T03:04:05Z",
-            "tomorrow",
-        ] {
-            assert_eq!(rfc3339(bad), None, "{bad}");
-        }
+    fn times_are_unix_seconds_or_iso8601() {
+        assert_eq!(time(Some(&serde_json::json!("2024-01-01T22:04:05-05:00"))), Some(1_704_164_645.0));
+        assert_eq!(time(Some(&serde_json::json!("2024-01-02T03:04:05Zjunk"))), None);
         assert_eq!(time(Some(&serde_json::json!(1_700_000_000))), Some(1_700_000_000.0));
         assert_eq!(time(Some(&serde_json::json!("1700000000.5"))), Some(1_700_000_000.5));
         assert_eq!(time(Some(&serde_json::json!(true))), None);
