@@ -8,6 +8,7 @@ are distributed with email.distribute() before the first test. `make test` so ru
 marked `on_citus` (the single-node tests of the behaviour a distributed outbox must keep) a second
 time, through the coordinator."""
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -246,6 +247,65 @@ def empty_outbox(mail):
     messages on a table without the dead rows and index entries of the tests before it."""
     empty(mail)
     return mail
+
+
+@contextlib.contextmanager
+def postfix_as_default(folder, port, transport):
+    """A Postfix (servers.Postfix, in E2E_DIR/folder, on port) that database `mail`'s default
+    transport (named `transport`) delivers to while the block runs; the default before it is
+    restored afterwards, on a new connection (a test may have broken the module's own)."""
+    from servers import Postfix
+
+    pf = Postfix(os.path.join(E2E_DIR, folder), port)
+    pf.start()
+    try:
+        d = fresh()
+        try:
+            before = d.val("SELECT name FROM email.transports WHERE is_default")
+            d.all("SELECT email.add_transport(%s, %s, is_default => true)", transport, f"smtp://127.0.0.1:{port}?tls=none")
+        finally:
+            d.conn.close()
+        yield pf
+        d = fresh()
+        try:
+            d.all("UPDATE email.transports SET is_default = false WHERE name = %s", transport)
+            if before:
+                d.all("UPDATE email.transports SET is_default = true WHERE name = %s", before)
+        finally:
+            d.conn.close()
+    finally:
+        pf.stop()
+
+
+@contextlib.contextmanager
+def sending_keys(roles, keys):
+    """New roles `roles` of database `mail` that may send (email.grant_send) and cancel their mail,
+    and API keys: `keys` maps a label to (key name, role, rate or None). Yields {label: key}.
+    Afterwards the keys, the roles' mail and the roles are gone (on a new connection, as
+    postfix_as_default)."""
+    names = [name for name, _, _ in keys.values()]
+    d = fresh()
+    try:
+        d.all("DELETE FROM email.api_keys WHERE name = ANY(%s)", names)
+        for role in roles:
+            d.all(f"DROP ROLE IF EXISTS {role}")
+            d.all(f"CREATE ROLE {role}")
+            d.all("SELECT email.grant_send(%s)", role)
+            d.all(f"GRANT EXECUTE ON FUNCTION email.cancel TO {role}")
+        made = {label: d.val("SELECT email.create_api_key(%s, %s, rate => %s)", name, role, rate)
+                for label, (name, role, rate) in keys.items()}
+    finally:
+        d.conn.close()
+    yield made
+    d = fresh()
+    try:
+        d.all("DELETE FROM email.api_keys WHERE name = ANY(%s)", names)
+        for role in roles:
+            d.all(f"DROP OWNED BY {role}")
+            d.all("DELETE FROM email.messages WHERE created_by = %s", role)
+            d.all(f"DROP ROLE {role}")
+    finally:
+        d.conn.close()
 
 
 def server_log():

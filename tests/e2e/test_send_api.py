@@ -34,8 +34,7 @@ import uuid
 import psycopg2
 import pytest
 
-from conftest import E2E_DIR, LISTEN_PORT, SLOW, Db, connect, wait_until
-from servers import Postfix
+from conftest import LISTEN_PORT, SLOW, Db, connect, postfix_as_default, sending_keys, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SDK_DIR = os.path.join(HERE, "sdk")
@@ -69,43 +68,21 @@ def db(cluster):
 
 
 @pytest.fixture(scope="module")
-def postfix(cluster, db):
+def postfix(cluster):
     """A Postfix the mail database's default transport delivers to, for this module only."""
-    pf = Postfix(os.path.join(E2E_DIR, "postfix-sendapi"), PF_PORT)
-    pf.start()
-    before = db.val("SELECT name FROM email.transports WHERE is_default")
-    db.all("SELECT email.add_transport(%s, %s, is_default => true)", PF_TRANSPORT,
-           f"smtp://127.0.0.1:{PF_PORT}?tls=none")
-    yield pf
-    db.all("UPDATE email.transports SET is_default = false WHERE name = %s", PF_TRANSPORT)
-    if before:
-        db.all("UPDATE email.transports SET is_default = true WHERE name = %s", before)
-    pf.stop()
+    with postfix_as_default("postfix-sendapi", PF_PORT, PF_TRANSPORT) as pf:
+        yield pf
 
 
 @pytest.fixture(scope="module")
-def keys(cluster, db):
+def keys(cluster):
     """Two roles that may send, a key each, and a rate-limited key."""
-    for role in ROLES:
-        db.all(f"DROP ROLE IF EXISTS {role}")
-        db.all(f"CREATE ROLE {role}")
-        db.all(f"GRANT USAGE ON SCHEMA email TO {role}")
-        db.all(f"GRANT EXECUTE ON FUNCTION email.send, email.send_template, email.cancel TO {role}")
-        db.all(f"GRANT SELECT ON email.messages TO {role}")
-    db.all("DELETE FROM email.api_keys WHERE name LIKE 'sendapi%%'")
-    k = {
-        "alice": db.val("SELECT email.create_api_key('sendapi-alice', 'sendapi_alice')"),
-        "bob": db.val("SELECT email.create_api_key('sendapi-bob', 'sendapi_bob')"),
-        "slow": db.val("SELECT email.create_api_key('sendapi-slow', 'sendapi_alice', rate => '5/s')"),
-    }
-    # The listener reads the keys again when they change; wait until it takes the new ones.
-    wait_until(lambda: knows(k["alice"]), "the listener to know the new keys", SLOW, every=0.2)
-    yield k
-    db.all("DELETE FROM email.api_keys WHERE name LIKE 'sendapi%%'")
-    for role in ROLES:
-        db.all(f"DROP OWNED BY {role}")
-        db.all(f"DELETE FROM email.messages WHERE created_by = %s", role)
-        db.all(f"DROP ROLE {role}")
+    with sending_keys(ROLES, {"alice": ("sendapi-alice", "sendapi_alice", None),
+                              "bob": ("sendapi-bob", "sendapi_bob", None),
+                              "slow": ("sendapi-slow", "sendapi_alice", "5/s")}) as k:
+        # The listener reads the keys again when they change; wait until it takes the new ones.
+        wait_until(lambda: knows(k["alice"]), "the listener to know the new keys", SLOW, every=0.2)
+        yield k
 
 
 @pytest.fixture(scope="module")

@@ -59,9 +59,8 @@ import uuid
 
 import pytest
 
-from conftest import (E2E_DIR, SLOW, SUBMISSION_PORT, Db, connect, fresh, server_log, val_retry, wait_for_workers,
-                      wait_until)
-from servers import Postfix
+from conftest import (E2E_DIR, SLOW, SUBMISSION_PORT, Db, connect, fresh, postfix_as_default, sending_keys, server_log,
+                      val_retry, wait_for_workers, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SDK_DIR = os.path.join(HERE, "sdk")
@@ -534,52 +533,22 @@ def tls(cluster, remote_ip):
 
 
 @pytest.fixture(scope="module")
-def postfix(cluster, db):
+def postfix(cluster):
     """A Postfix the mail database's default transport delivers to, for this module only."""
-    pf = Postfix(os.path.join(E2E_DIR, "postfix-submission"), PF_PORT)
-    pf.start()
-    before = db.val("SELECT name FROM email.transports WHERE is_default")
-    db.all("SELECT email.add_transport(%s, %s, is_default => true)", PF_TRANSPORT,
-           f"smtp://127.0.0.1:{PF_PORT}?tls=none")
-    yield pf
-    d = fresh()  # the module's connection is gone after the kill -9 test
-    try:
-        d.all("UPDATE email.transports SET is_default = false WHERE name = %s", PF_TRANSPORT)
-        if before:
-            d.all("UPDATE email.transports SET is_default = true WHERE name = %s", before)
-    finally:
-        d.conn.close()
-        pf.stop()
+    with postfix_as_default("postfix-submission", PF_PORT, PF_TRANSPORT) as pf:
+        yield pf
 
 
 @pytest.fixture(scope="module")
-def keys(cluster, db, tls, postfix):
+def keys(cluster, tls, postfix):
     """Two roles that may send, a key each (names subm-alice, subm-bob), and subm-slow (rate
     '2/s', role subm_alice); waits until the service takes them."""
-    for role in ROLES:
-        db.all(f"DROP ROLE IF EXISTS {role}")
-        db.all(f"CREATE ROLE {role}")
-        db.all(f"GRANT USAGE ON SCHEMA email TO {role}")
-        db.all(f"GRANT EXECUTE ON FUNCTION email.send, email.send_template TO {role}")
-    db.all("DELETE FROM email.api_keys WHERE name LIKE 'subm-%%'")
-    k = {
-        "alice": db.val("SELECT email.create_api_key('subm-alice', 'subm_alice')"),
-        "bob": db.val("SELECT email.create_api_key('subm-bob', 'subm_bob')"),
-        "slow": db.val("SELECT email.create_api_key('subm-slow', 'subm_alice', rate => '2/s')"),
-    }
-    for name, key in k.items():
-        wait_until(lambda: auth_code(f"subm-{name}", key) == 235, f"the submission service to take key subm-{name}",
-                   SLOW, every=0.2)
-    yield k
-    d = fresh()
-    try:
-        d.all("DELETE FROM email.api_keys WHERE name LIKE 'subm-%%'")
-        for role in ROLES:
-            d.all(f"DROP OWNED BY {role}")
-            d.all("DELETE FROM email.messages WHERE created_by = %s", role)
-            d.all(f"DROP ROLE {role}")
-    finally:
-        d.conn.close()
+    with sending_keys(ROLES, {"alice": ("subm-alice", "subm_alice", None), "bob": ("subm-bob", "subm_bob", None),
+                              "slow": ("subm-slow", "subm_alice", "2/s")}) as k:
+        for name, key in k.items():
+            wait_until(lambda: auth_code(f"subm-{name}", key) == 235, f"the submission service to take key subm-{name}",
+                       SLOW, every=0.2)
+        yield k
 
 
 # ---------------------------------------------------------------------------------------------
