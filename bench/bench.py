@@ -97,7 +97,17 @@ def record(n, figure, value, unit, baseline=None, ratio=None, target="", met=Non
 
 
 def reset():
-    sql("TRUNCATE email.messages, email.receipts, email.attachments, email.captured, bench.plain RESTART IDENTITY CASCADE")
+    # A worker's periodic work (reaping, folding statistics) may lock one of these tables while
+    # the TRUNCATE waits for another: PostgreSQL ends one of the two as a deadlock; try again.
+    for attempt in range(5):
+        try:
+            sql("TRUNCATE email.messages, email.receipts, email.attachments, email.captured, bench.plain "
+                "RESTART IDENTITY CASCADE")
+            break
+        except psycopg2.errors.DeadlockDetected:
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
     sql("CHECKPOINT")
 
 
