@@ -339,14 +339,11 @@ def citus_cluster():
     subprocess.run(["bash", CITUS_SH, "start", CLUSTER_DIR, str(PORT), "mail", *conf], check=True)
     try:
         nodes = (PORT, PORT + 1, PORT + 2)
-        for p in nodes:
-            c = psycopg2.connect(host="127.0.0.1", port=p, dbname="postgres", user="postgres")
+        for p, db, q in [(p, db, q) for p in nodes for db, q in (("postgres", "CREATE DATABASE api"),
+                                                                 ("api", "CREATE EXTENSION citus"))]:
+            c = psycopg2.connect(host="127.0.0.1", port=p, dbname=db, user="postgres")
             c.autocommit = True
-            Db(c).all("CREATE DATABASE api")
-            c.close()
-            c = psycopg2.connect(host="127.0.0.1", port=p, dbname="api", user="postgres")
-            c.autocommit = True
-            Db(c).all("CREATE EXTENSION citus")
+            Db(c).all(q)
             c.close()
         api = Db(connect("api"))
         api.all("SELECT citus_set_coordinator_host('127.0.0.1', %s)", PORT)
