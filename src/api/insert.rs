@@ -14,6 +14,11 @@
 //!   then). A statement that fails leaves its frame behind; the subtransaction and transaction
 //!   callbacks drop it.
 //!
+//! On a distributed outbox (Citus, `email.distribute()`) the triggers run on the row's shard, as
+//! the outbox's owner only, without idempotency keys (see `_messages_insert`); their lookups of
+//! reference tables and the receipts written to the co-located shard run nested
+//! (`citus::nested`).
+//!
 //! The row is read with one `heap_deform_tuple` and written with one `heap_modify_tuple`; column
 //! numbers are resolved once per backend. Database lookups run as the table's owner with a fixed
 //! search_path (as PostgreSQL's own foreign-key triggers switch user), so a role needs no rights
@@ -38,6 +43,8 @@ use crate::message::{self, FieldError};
 const STATUS_LABELS: &str = include_str!("../../sql/api/status_labels.sql");
 const SUPPRESSION_SET: &str = include_str!("../../sql/api/suppression_set.sql");
 const RECORD_SUPPRESSED_MANY: &str = include_str!("../../sql/api/record_suppressed_many.sql");
+const EXISTING_IDS: &str = include_str!("../../sql/api/existing_ids.sql");
+const RECORD_SUPPRESSED_LISTED: &str = include_str!("../../sql/api/record_suppressed_listed.sql");
 
 /// Rows of a statement whose suppressions are looked up one index probe each; past them the
 /// statement reads the suppression list once (a bulk INSERT … SELECT), unless it is longer than
@@ -258,14 +265,47 @@ fn _messages_statement_end<'a>(
     }
     // SAFETY: an AFTER trigger's relation is open for the call.
     let owner = unsafe { (*(*trigger.trigger_data().tg_relation).rd_rel).relowner };
-    as_owner(owner, || {
-        Spi::connect_mut(|client| {
-            run_prepared(
-                client,
-                RECORD_SUPPRESSED_MANY,
-                None,
-                &[frame.ids.into(), frame.transports.into(), frame.recipients.into(), frame.whys.into()],
-            );
+    if super::citus::outbox().is_none() {
+        as_owner(owner, || {
+            Spi::connect_mut(|client| {
+                let args = [frame.ids.into(), frame.transports.into(), frame.recipients.into(), frame.whys.into()];
+                run_prepared(client, RECORD_SUPPRESSED_MANY, None, &args);
+            })
+        });
+        return Ok(None);
+    }
+    // On Citus this runs on a shard of the outbox; its receipts go to the co-located shard.
+    // Citus plans neither a generic plan here nor the one-statement form: which rows exist is
+    // asked first.
+    super::citus::nested(|| {
+        as_owner(owner, || {
+            Spi::connect_mut(|client| {
+                let existing: HashSet<i64> = client
+                    .select(EXISTING_IDS, None, &[frame.ids.clone().into()])
+                    .unwrap_or_else(|e| super::spi_failed(e))
+                    .first()
+                    .get::<Vec<i64>>(1)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                let keep: Vec<usize> = (0..frame.ids.len()).filter(|&i| existing.contains(&frame.ids[i])).collect();
+                if keep.is_empty() {
+                    return;
+                }
+                let pick = |v: &[String]| keep.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
+                let ids: Vec<i64> = keep.iter().map(|&i| frame.ids[i]).collect();
+                let args = [
+                    ids.into(),
+                    pick(&frame.transports).into(),
+                    pick(&frame.recipients).into(),
+                    pick(&frame.whys).into(),
+                ];
+                if let Err(e) = client.update(RECORD_SUPPRESSED_LISTED, None, &args) {
+                    super::spi_failed(e)
+                }
+            })
         })
     });
     Ok(None)
@@ -534,12 +574,14 @@ fn _messages_insert<'a>(
         // Stored mail (email.send's own INSERT, a restore): nothing to check or fill.
         return Ok(trigger.new());
     }
-    if super::citus::outbox().is_some() {
-        // On Citus this runs on a shard, where the rules' lookups and writes cannot reach the
-        // rest of the cluster (README, "Scaling out with Citus").
+    let citus = super::citus::outbox().is_some();
+    if citus && !privileged {
+        // On Citus this runs on a shard, to which the coordinator sends every column with its
+        // default evaluated there, so a role's row cannot be told from one naming the worker's
+        // columns (README, "Scaling out with Citus").
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "INSERT INTO email.messages is not supported on a distributed outbox (Citus) yet",
+            "INSERT INTO email.messages by a role other than the outbox's owner is not supported on a distributed outbox (Citus) yet",
             Some("Queue mail with email.send or email.send_template."),
         )
     }
@@ -562,7 +604,13 @@ fn _messages_insert<'a>(
     if !privileged {
         check_worker_columns(&row, &role, now);
     }
-    let Some(fill) = rules(&row, owner, now) else { return Ok(None) };
+    let fill = if citus {
+        // The lookups read reference tables, from a trigger on a shard.
+        super::citus::nested(|| rules(&row, owner, now, true))
+    } else {
+        rules(&row, owner, now, false)
+    };
+    let Some(fill) = fill else { return Ok(None) };
     fill.write(&mut row);
     let id = row.datum(C::id).value() as i64;
     if !fill.dropped.is_empty() {
@@ -646,8 +694,16 @@ impl Fill {
 }
 
 /// `email.send`'s rules for one row, in its order; None: the row repeats an idempotency key
-/// with the same content and is skipped.
-fn rules(row: &Row, owner: pg_sys::Oid, now: i64) -> Option<Fill> {
+/// with the same content and is skipped. `citus`: the row is on a shard of a distributed outbox,
+/// where its id was chosen before an idempotency key could derive it (api/citus.rs).
+fn rules(row: &Row, owner: pg_sys::Oid, now: i64, citus: bool) -> Option<Fill> {
+    if citus && !row.null(C::idempotency_key) {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "idempotency_key in INSERT INTO email.messages is not supported on a distributed outbox (Citus)",
+            Some("Queue mail with an idempotency key through email.send or email.send_template."),
+        )
+    }
     let (to_joined, to_count) = address_list("recipients", row.array(C::recipients));
     let (cc_joined, cc_count) = address_list("cc", row.array(C::cc));
     let (bcc_joined, bcc_count) = address_list("bcc", row.array(C::bcc));

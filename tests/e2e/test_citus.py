@@ -298,12 +298,13 @@ def test_each_role_sees_only_its_own_mail_on_every_node(citus):
             code, _ = d.error("INSERT INTO email.messages (recipients, subject, body, created_by) "
                               "VALUES ('{x@x.test}', 's', 'b', 'postgres')")
             assert code == "42501", (r, port)
-    # INSERT as the API is refused on a distributed outbox, storing nothing (README).
+    # INSERT as the API is the owner's only on a distributed outbox (README): a role's is
+    # refused, storing nothing.
     before = coord.val("SELECT count(*) FROM email.messages")
-    for port, user in ((BASE, "postgres"), (BASE + 1, "postgres"), (BASE + 1, "citus_a")):
-        code, msg = node(port, user=user).error("INSERT INTO email.messages (recipients, subject, body) "
-                                                "VALUES ('{i@x.test}', 'by insert', 'b')")
-        assert code in ("0A000", "42501"), (port, user, code, msg)
+    for port in (BASE, BASE + 1):
+        code, msg = node(port, user="citus_a").error("INSERT INTO email.messages (recipients, subject, body) "
+                                                     "VALUES ('{i@x.test}', 'by insert', 'b')")
+        assert code in ("0A000", "42501"), (port, code, msg)
     assert coord.val("SELECT count(*) FROM email.messages") == before
     coord.all("SELECT email.revoke_send('citus_b')")
     code, _ = node(BASE + 1, user="citus_b").error("SELECT email.send(recipients => 'x@x.test', subject => 's', body => 'b')")
@@ -333,3 +334,47 @@ def test_outbound_webhooks_are_posted_by_the_node_of_each_receipt(citus):
     finally:
         rx.stop()
         coord.all("SELECT email.remove_webhook('citus_hook')")
+
+
+@pytest.mark.parametrize("port", [BASE, BASE + 1], ids=["coordinator", "worker-node"])
+def test_the_owner_queues_by_insert_with_the_rules_of_email_send(citus, port):
+    """INSERT INTO email.messages by the outbox's owner on a distributed outbox: checked and filled
+    on the row's shard as email.send does it, suppressed recipients dropped with their receipts,
+    templates rendered and pinned, topics applied; an idempotency key is refused (its id would
+    have to come from the key), storing nothing."""
+    coord, db = citus["coord"], node(port)
+    tag = f"ins-{port}"
+    coord.all("INSERT INTO email.suppressions (address, reason) VALUES ('ins-gone@x.test', 'bounced') "
+              "ON CONFLICT DO NOTHING")
+    coord.all("INSERT INTO email.templates (name, subject, body) VALUES ('ins_tpl', 'Hi {{ n }}', 'Body {{ n }}') "
+              "ON CONFLICT (name) DO NOTHING")
+    if not coord.val("SELECT count(*) FROM email.topics WHERE name = 'ins_news'"):
+        coord.all("INSERT INTO email.topics (name, default_subscribed) VALUES ('ins_news', false)")
+        coord.all("SELECT email.subscribe('ins-in@x.test', 'ins_news')")
+    db.all("INSERT INTO email.messages (recipients, subject, body, transport, tags) "
+           "SELECT ARRAY['ins' || i || '@x.test', CASE WHEN i %% 10 = 0 THEN 'INS-GONE@x.test' ELSE 'ins-b' || i || '@x.test' END], "
+           "%s || ' ' || i, 'b', 'sink', ARRAY[%s] FROM generate_series(1, 300) i", tag, tag)
+    tpl = db.val("INSERT INTO email.messages (recipients, template, data, transport, tags) "
+                 "VALUES ('{t@x.test}', 'ins_tpl', '{\"n\": 7}', 'sink', ARRAY[%s]) RETURNING id", tag)
+    news = db.val("INSERT INTO email.messages (recipients, subject, body, topic, transport, tags) "
+                  "VALUES ('{ins-in@x.test,ins-out@x.test}', 'news', 'b', 'ins_news', 'sink', ARRAY[%s]) RETURNING id", tag)
+    ids = [i for (i,) in coord.all("SELECT id FROM email.messages WHERE %s = ANY(tags)", tag)]
+    assert len(ids) == 302
+    wait_sent(coord, ids)
+    assert coord.val("SELECT count(*) FROM email.messages WHERE id = ANY(%s) AND 'ins-gone@x.test' = ANY(recipients)",
+                     ids) == 0
+    assert coord.val("SELECT count(*) FROM email.receipts WHERE message_id = ANY(%s) AND event = 'suppressed' "
+                     "AND recipient = 'ins-gone@x.test'", ids) == 30
+    assert coord.one("SELECT subject, template_version FROM email.messages WHERE id = %s", tpl) == ("Hi 7", 1)
+    assert coord.val("SELECT recipients FROM email.messages WHERE id = %s", news) == ["ins-in@x.test"]
+    assert coord.all("SELECT event, recipient FROM email.receipts WHERE message_id = %s AND event = 'suppressed'",
+                     news) == [("suppressed", "ins-out@x.test")]
+    if port != BASE:  # a message queued on a node with shards gets an id whose shard is there
+        assert node_of(coord, tpl) == port
+    before = coord.val("SELECT count(*) FROM email.messages")
+    code, msg = db.error("INSERT INTO email.messages (recipients, subject, body, idempotency_key) "
+                         "VALUES ('{k@x.test}', 'keyed', 'b', 'ins-key')")
+    assert code == "0A000" and "idempotency_key" in msg, (code, msg)
+    code, msg = db.error("INSERT INTO email.messages (recipients, subject, body) VALUES ('{not an address}', 's', 'b')")
+    assert code == "22023" and "recipients" in msg, (code, msg)
+    assert coord.val("SELECT count(*) FROM email.messages") == before
