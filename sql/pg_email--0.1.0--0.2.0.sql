@@ -773,6 +773,12 @@ DECLARE
     n bigint;
     c record;
 BEGIN
+    -- Its statements reach into every row of the outbox in ways Citus does not run on
+    -- distributed tables (README, "Scaling out with Citus").
+    IF email._citus_table('email.messages') THEN
+        RAISE EXCEPTION 'email.forget is not supported on a distributed outbox (Citus) yet'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
     -- Every character but letters, digits, '@' and '_' is escaped (a backslash makes it literal).
     re := '(' || regexp_replace(a, '([^[:alnum:]@_])', '\\\1', 'g') || '|'
               || regexp_replace(replace(a, '@', '%40'), '([^[:alnum:]@_])', '\\\1', 'g') || ')';
@@ -1765,21 +1771,32 @@ COMMENT ON FUNCTION email._messages_insert() IS 'BEFORE INSERT on email.messages
 COMMENT ON FUNCTION email._messages_statement_start() IS 'BEFORE INSERT on email.messages, per statement: starts counting the statement''s rows (a long statement reads the suppression list once).';
 COMMENT ON FUNCTION email._messages_statement_end() IS 'AFTER INSERT on email.messages, per statement: writes the statement''s ''suppressed'' receipts.';
 
+-- True when Citus manages table `tbl` (distributed or reference) in this node's metadata;
+-- false without Citus.
+CREATE FUNCTION email._citus_table(tbl regclass) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, email, pg_temp AS $$
+DECLARE
+    found boolean := false;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = $1)' INTO found USING tbl;
+    END IF;
+    RETURN found;
+END $$;
+
 -- On Citus, after email.distribute(): runs `command` on every worker node, from the coordinator
 -- (Citus does not send an extension's grants there itself); elsewhere, nothing.
 CREATE FUNCTION email._on_worker_nodes(command text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
 DECLARE
-    distributed boolean;
+    coordinator boolean;
     failed text;
 BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+    IF NOT email._citus_table('email.messages') THEN
         RETURN;
     END IF;
-    EXECUTE $q$SELECT citus_is_coordinator()
-                      AND EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = 'email.messages'::regclass)$q$
-        INTO STRICT distributed;
-    IF NOT distributed THEN
+    EXECUTE 'SELECT citus_is_coordinator()' INTO STRICT coordinator;
+    IF NOT coordinator THEN
         RETURN;
     END IF;
     -- A worker node refuses DDL on objects Citus propagates unless propagation is off there.
@@ -1801,13 +1818,11 @@ END $$;
 CREATE FUNCTION email._upgrade_ddl(tbl regclass, command text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, email, pg_temp AS $$
 DECLARE
-    done_here boolean;
+    coordinator boolean;
 BEGIN
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
-        EXECUTE $q$SELECT NOT citus_is_coordinator()
-                          AND EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = $1)$q$
-            INTO STRICT done_here USING tbl;
-        IF done_here THEN
+    IF email._citus_table(tbl) THEN
+        EXECUTE 'SELECT citus_is_coordinator()' INTO STRICT coordinator;
+        IF NOT coordinator THEN
             RETURN;
         END IF;
     END IF;
@@ -1831,6 +1846,12 @@ BEGIN
                    'headers, tags, metadata, priority, send_at, idempotency_key, transport, topic, track_opens, '
                    'track_clicks, list_unsubscribe) ON email.messages TO %I', role);
     EXECUTE format('GRANT SELECT ON email.messages, email.receipts, email.attachments TO %I', role);
+    -- On a distributed outbox (Citus) the coordinator sends an INSERT's every column to the shard,
+    -- the worker's columns with their defaults: there the row trigger, not the column grants,
+    -- refuses what only the worker may set (src/api/insert.rs).
+    IF email._citus_table('email.messages') THEN
+        EXECUTE format('GRANT INSERT ON email.messages TO %I', role);
+    END IF;
     -- Citus sends the schema's and the tables' grants to every node itself, not an extension's
     -- function grants: those are sent here.
     PERFORM email._on_worker_nodes(format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, '
@@ -1850,7 +1871,7 @@ BEGIN
     PERFORM email._on_worker_nodes(format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, '
                                           'email._is_finished, email._message_visible FROM %I', role));
 END $$;
-COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages, SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
+COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages (on a distributed outbox, on the table: its row trigger refuses the worker''s columns), SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
 COMMENT ON FUNCTION email.revoke_send(name) IS 'Takes back what email.grant_send granted (but USAGE on schema email, which other grants may need).';
 CREATE POLICY messages_insert_own ON email.messages FOR INSERT WITH CHECK (created_by = current_user);
 REVOKE ALL ON FUNCTION email._messages_insert(), email._messages_statement_start(), email._messages_statement_end(),
@@ -1979,7 +2000,7 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION email.distribute(integer) IS 'On Citus, run once on the coordinator after adding the worker nodes: distributes the outbox on id (receipts, attachments, captured co-located), makes the configuration reference tables, and gives each node its own id range. See the README, "Scaling out with Citus".';
 REVOKE ALL ON FUNCTION email.distribute(integer), email._message_visible(bigint), email._on_worker_nodes(text),
-    email._upgrade_ddl(regclass, text) FROM PUBLIC;
+    email._upgrade_ddl(regclass, text), email._citus_table(regclass) FROM PUBLIC;
 
 -- Mail queued in a database no worker serves would wait for ever: say so now.
 SELECT email._warn_if_unserved();

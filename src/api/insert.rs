@@ -14,10 +14,11 @@
 //!   then). A statement that fails leaves its frame behind; the subtransaction and transaction
 //!   callbacks drop it.
 //!
-//! On a distributed outbox (Citus, `email.distribute()`) the triggers run on the row's shard, as
-//! the outbox's owner only, without idempotency keys (see `_messages_insert`); their lookups of
-//! reference tables and the receipts written to the co-located shard run nested
-//! (`citus::nested`).
+//! On a distributed outbox (Citus, `email.distribute()`) the triggers run on the row's shard,
+//! without idempotency keys (see `rules`); their lookups of reference tables and the receipts
+//! written to the co-located shard run nested (`citus::nested`). There the coordinator has sent
+//! every column with its default, so the worker's columns are guarded here alone (see
+//! `check_worker_columns`).
 //!
 //! The row is read with one `heap_deform_tuple` and written with one `heap_modify_tuple`; column
 //! numbers are resolved once per backend. Database lookups run as the table's owner with a fixed
@@ -438,7 +439,7 @@ fn refuse_column(column: &str) -> ! {
 }
 
 /// Refuses a value in a column only pg_email writes.
-fn check_worker_columns(row: &Row, role: &str, now: i64) {
+fn check_worker_columns(row: &mut Row, role: &str, now: i64, citus: bool) {
     for c in WORKER_NULL {
         if !row.null(c) {
             refuse_column(NAMES[c as usize]);
@@ -453,9 +454,18 @@ fn check_worker_columns(row: &Row, role: &str, now: i64) {
         }
     }
     for c in [C::created_at, C::updated_at, C::next_attempt_at] {
-        if row.timestamp(c) != Some(now) {
+        if citus {
+            // On a distributed outbox the coordinator (or the node the INSERT ran on) evaluated
+            // the default now() in its own transaction, whose start differs from this shard's:
+            // the time cannot be checked, so it is set.
+            row.set(c, Some(pg_sys::Datum::from(now)));
+        } else if row.timestamp(c) != Some(now) {
             refuse_column(NAMES[c as usize]);
         }
+    }
+    if citus && super::citus::is_keyed_id(row.datum(C::id).value() as i64) {
+        // The ids of keyed messages are derived from (role, key): none may be taken by hand.
+        refuse_column("id");
     }
     if row.text(C::created_by) != Some(role) {
         raise(
@@ -575,16 +585,6 @@ fn _messages_insert<'a>(
         return Ok(trigger.new());
     }
     let citus = super::citus::outbox().is_some();
-    if citus && !privileged {
-        // On Citus this runs on a shard, to which the coordinator sends every column with its
-        // default evaluated there, so a role's row cannot be told from one naming the worker's
-        // columns (README, "Scaling out with Citus").
-        raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "INSERT INTO email.messages by a role other than the outbox's owner is not supported on a distributed outbox (Citus) yet",
-            Some("Queue mail with email.send or email.send_template."),
-        )
-    }
     // SAFETY: tg_trigtuple is the row being inserted, rd_att its descriptor; the arrays are
     // sized to the descriptor's attribute count, as heap_deform_tuple requires.
     let mut row = unsafe {
@@ -602,7 +602,7 @@ fn _messages_insert<'a>(
     // SAFETY: reads the transaction's start time (now()).
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     if !privileged {
-        check_worker_columns(&row, &role, now);
+        check_worker_columns(&mut row, &role, now, citus);
     }
     let fill = if citus {
         // The lookups read reference tables, from a trigger on a shard.
@@ -697,13 +697,6 @@ impl Fill {
 /// with the same content and is skipped. `citus`: the row is on a shard of a distributed outbox,
 /// where its id was chosen before an idempotency key could derive it (api/citus.rs).
 fn rules(row: &Row, owner: pg_sys::Oid, now: i64, citus: bool) -> Option<Fill> {
-    if citus && !row.null(C::idempotency_key) {
-        raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "idempotency_key in INSERT INTO email.messages is not supported on a distributed outbox (Citus)",
-            Some("Queue mail with an idempotency key through email.send or email.send_template."),
-        )
-    }
     let (to_joined, to_count) = address_list("recipients", row.array(C::recipients));
     let (cc_joined, cc_count) = address_list("cc", row.array(C::cc));
     let (bcc_joined, bcc_count) = address_list("bcc", row.array(C::bcc));
@@ -761,6 +754,13 @@ fn rules(row: &Row, owner: pg_sys::Oid, now: i64, citus: bool) -> Option<Fill> {
         templated: template.is_some(),
     };
     let c = draft::check(&d, &send::limits()).unwrap_or_else(|e| invalid(e));
+    if citus && d.idempotency_key.is_some() {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "idempotency_key in INSERT INTO email.messages is not supported on a distributed outbox (Citus)",
+            Some("Queue mail with an idempotency key through email.send or email.send_template."),
+        )
+    }
     one_mailbox_each("recipients", to_count, &c.to);
     one_mailbox_each("cc", cc_count, &c.cc);
     one_mailbox_each("bcc", bcc_count, &c.bcc);

@@ -100,9 +100,21 @@ pub(super) struct Route {
     pub any_suppressed: bool,
 }
 
+/// The configuration generation this backend's caches of transports and topics are valid for;
+/// 0 (no caching) on a distributed outbox (Citus): there a change reaches this node by a
+/// two-phase commit, visible at COMMIT PREPARED, after the last bump of the generation here
+/// (xact.rs), so a cache filled in between would be stale.
+fn cache_generation() -> u64 {
+    if super::citus::outbox().is_some() {
+        0
+    } else {
+        crate::shmem::config_generation()
+    }
+}
+
 /// The cached route for `transport`, when the cache is current (no database access).
 pub(super) fn cached_route(transport: Option<&str>) -> Option<Rc<Route>> {
-    let generation = crate::shmem::config_generation();
+    let generation = cache_generation();
     ROUTES.with(|r| {
         let r = r.borrow();
         if r.0 != generation || generation == 0 {
@@ -125,7 +137,7 @@ thread_local! {
 
 /// Whether a topic is subscribed by default; raises 42704 when it does not exist.
 pub(super) fn topic_default(client: &mut SpiClient, topic: &str) -> bool {
-    let generation = crate::shmem::config_generation();
+    let generation = cache_generation();
     let cached = TOPICS.with(|t| {
         let mut t = t.borrow_mut();
         if t.0 != generation || generation == 0 {
@@ -152,7 +164,7 @@ pub(super) fn topic_default(client: &mut SpiClient, topic: &str) -> bool {
 /// raises 42704 when there is none.
 pub(super) fn lookup_route(client: &mut SpiClient, transport: Option<&str>) -> Rc<Route> {
     // Read the generation before the tables: a change committed meanwhile bumps it again.
-    let generation = crate::shmem::config_generation();
+    let generation = cache_generation();
     let key = transport.map(str::to_string);
     let cached = ROUTES.with(|r| {
         let mut r = r.borrow_mut();

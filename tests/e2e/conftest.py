@@ -336,6 +336,9 @@ def citus_cluster():
     workers drain) and `api` (no worker) each a Citus database with email.distribute() run."""
     conf = [c for c in CONF if not c.startswith(("pg_email.listen_address", "pg_email.inbound_address",
                                                  "pg_email.submission_address"))]
+    # Tracked links need a public URL (the listener's would be it); a session's SET LOCAL reaches
+    # the shards' INSERT trigger (README, Citus).
+    conf += [f"pg_email.public_url = '{LISTEN_URL}'", "citus.propagate_set_commands = 'local'"]
     subprocess.run(["bash", CITUS_SH, "start", CLUSTER_DIR, str(PORT), "mail", *conf], check=True)
     try:
         nodes = (PORT, PORT + 1, PORT + 2)

@@ -6,7 +6,7 @@ except the delivery test."""
 import psycopg2
 import pytest
 
-from conftest import Db, connect, wait_status
+from conftest import CITUS, Db, connect, wait_status
 
 S, B = "'s'", "'b'"
 
@@ -137,14 +137,21 @@ def outcome(cur, sql, existing):
         cur.execute(RECEIPTS, (got[0],))
         return ("row", row, cur.fetchall())
     except psycopg2.Error as e:
-        return ("error", e.pgcode, e.pgerror)
+        # On Citus the INSERT's rules run on the row's shard, whose error says where it ran.
+        return ("error", e.pgcode, "\n".join(l for l in e.pgerror.splitlines() if not l.startswith("CONTEXT:  while executing command on")))
     finally:
         cur.execute("ROLLBACK TO SAVEPOINT c")
 
 
+@pytest.mark.on_citus
 @pytest.mark.parametrize("name", list(CASES))
 def test_insert_and_email_send_agree(api, name):
     c = CASES[name]
+    if CITUS and "idempotency_key" in c["cols"] and c["cols"]["idempotency_key"] != "''":
+        pytest.skip("on a distributed outbox an INSERT with an idempotency key is refused (README, Citus)")
+    if CITUS and any(not s.startswith("SET LOCAL") for s in c["setup"]):
+        pytest.skip("on a distributed outbox an INSERT's rules run on the shard's node, apart from "
+                    "what the transaction changed before it (README, Citus)")
     conn = connect("api", autocommit=False)
     try:
         with conn.cursor() as cur:
