@@ -1345,12 +1345,6 @@ BEGIN
                    'headers, tags, metadata, priority, send_at, idempotency_key, transport, topic, track_opens, '
                    'track_clicks, list_unsubscribe) ON email.messages TO %I', role);
     EXECUTE format('GRANT SELECT ON email.messages, email.receipts, email.attachments TO %I', role);
-    -- On a distributed outbox (Citus) the coordinator sends an INSERT's every column to the shard,
-    -- the worker's columns with their defaults: there the row trigger, not the column grants,
-    -- refuses what only the worker may set (src/api/insert.rs).
-    IF email._citus_table('email.messages') THEN
-        EXECUTE format('GRANT INSERT ON email.messages TO %I', role);
-    END IF;
     -- Citus sends the schema's and the tables' grants to every node itself, not an extension's
     -- function grants: those are sent here.
     PERFORM email._on_worker_nodes(format('GRANT EXECUTE ON FUNCTION email.send, email.send_template, '
@@ -1370,7 +1364,7 @@ BEGIN
     PERFORM email._on_worker_nodes(format('REVOKE EXECUTE ON FUNCTION email.send, email.send_template, '
                                           'email._is_finished, email._message_visible FROM %I', role));
 END $$;
-COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages (on a distributed outbox, on the table: its row trigger refuses the worker''s columns), SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
+COMMENT ON FUNCTION email.grant_send(name) IS 'Grants role what sending takes: USAGE on schema email, EXECUTE on email.send and email.send_template, INSERT on the columns of a message in email.messages, SELECT on email.messages, email.receipts and email.attachments (row-level security shows it its own mail only).';
 COMMENT ON FUNCTION email.revoke_send(name) IS 'Takes back what email.grant_send granted (but USAGE on schema email, which other grants may need).';
 
 -- Row-level security: a role other than the owner sees only what it queued.

@@ -26,11 +26,6 @@ const OUTBOX: &str = include_str!("../../sql/api/citus_outbox.sql");
 /// range (group id << 48, for group ids below 16384).
 const KEYED_IDS: i64 = 1 << 62;
 
-/// Whether `id` is in the range of the ids derived from idempotency keys.
-pub(crate) fn is_keyed_id(id: i64) -> bool {
-    id >= KEYED_IDS
-}
-
 /// How a distributed outbox looks from this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Node {

@@ -14,11 +14,10 @@
 //!   then). A statement that fails leaves its frame behind; the subtransaction and transaction
 //!   callbacks drop it.
 //!
-//! On a distributed outbox (Citus, `email.distribute()`) the triggers run on the row's shard,
-//! without idempotency keys (see `rules`); their lookups of reference tables and the receipts
-//! written to the co-located shard run nested (`citus::nested`). There the coordinator has sent
-//! every column with its default, so the worker's columns are guarded here alone (see
-//! `check_worker_columns`).
+//! On a distributed outbox (Citus, `email.distribute()`) the triggers run on the row's shard, for
+//! the outbox's owner only and without idempotency keys (see `_messages_insert` and `rules`);
+//! their lookups of reference tables and the receipts written to the co-located shard run
+//! nested (`citus::nested`).
 //!
 //! The row is read with one `heap_deform_tuple` and written with one `heap_modify_tuple`; column
 //! numbers are resolved once per backend. Database lookups run as the table's owner with a fixed
@@ -439,7 +438,7 @@ fn refuse_column(column: &str) -> ! {
 }
 
 /// Refuses a value in a column only pg_email writes.
-fn check_worker_columns(row: &mut Row, role: &str, now: i64, citus: bool) {
+fn check_worker_columns(row: &Row, role: &str, now: i64) {
     for c in WORKER_NULL {
         if !row.null(c) {
             refuse_column(NAMES[c as usize]);
@@ -454,18 +453,9 @@ fn check_worker_columns(row: &mut Row, role: &str, now: i64, citus: bool) {
         }
     }
     for c in [C::created_at, C::updated_at, C::next_attempt_at] {
-        if citus {
-            // On a distributed outbox the coordinator (or the node the INSERT ran on) evaluated
-            // the default now() in its own transaction, whose start differs from this shard's:
-            // the time cannot be checked, so it is set.
-            row.set(c, Some(pg_sys::Datum::from(now)));
-        } else if row.timestamp(c) != Some(now) {
+        if row.timestamp(c) != Some(now) {
             refuse_column(NAMES[c as usize]);
         }
-    }
-    if citus && super::citus::is_keyed_id(row.datum(C::id).value() as i64) {
-        // The ids of keyed messages are derived from (role, key): none may be taken by hand.
-        refuse_column("id");
     }
     if row.text(C::created_by) != Some(role) {
         raise(
@@ -585,6 +575,16 @@ fn _messages_insert<'a>(
         return Ok(trigger.new());
     }
     let citus = super::citus::outbox().is_some();
+    if citus && !privileged {
+        // On Citus this runs on a shard, to which the coordinator sends every column, the id and
+        // the worker's columns with their defaults: a role's row could not be told from one that
+        // names them (README, "Scaling out with Citus"). Its column grants stop it before this.
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "INSERT INTO email.messages by a role other than the outbox's owner is not supported on a distributed outbox (Citus)",
+            Some("Queue mail with email.send or email.send_template."),
+        )
+    }
     // SAFETY: tg_trigtuple is the row being inserted, rd_att its descriptor; the arrays are
     // sized to the descriptor's attribute count, as heap_deform_tuple requires.
     let mut row = unsafe {
@@ -602,7 +602,7 @@ fn _messages_insert<'a>(
     // SAFETY: reads the transaction's start time (now()).
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     if !privileged {
-        check_worker_columns(&mut row, &role, now, citus);
+        check_worker_columns(&row, &role, now);
     }
     let fill = if citus {
         // The lookups read reference tables, from a trigger on a shard.
