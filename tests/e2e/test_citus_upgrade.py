@@ -62,6 +62,16 @@ def column_on_every_placement(db, table, column):
     return placements(db, table, q)
 
 
+def pause(db):
+    """The README's pause, then a wait until every node's postmaster has read the configuration
+    again (a new session's pg_conf_load_time moved): from then on each worker has the signal, and
+    takes the setting before it next looks at the extension's version or claims."""
+    q = "SELECT array_agg(result ORDER BY nodeid) FROM run_command_on_all_nodes('SELECT pg_conf_load_time()')"
+    before = db.val(q)
+    run(db, PAUSE)
+    wait_until(lambda: all(a != b for a, b in zip(db.val(q), before)), "every node to reload its configuration")
+
+
 def wait_paused(db):
     q = ("SELECT bool_and(result::int > 0) FROM run_command_on_all_nodes($$SELECT count(*) FROM "
          "pg_stat_activity WHERE backend_type = 'pg_email worker' AND query LIKE '%paused%'$$)")
@@ -93,10 +103,10 @@ def test_0_1_0_on_citus_is_updated_with_the_readme_steps_then_distributed(coord)
     queued = coord.val("SELECT array_agg(id ORDER BY id) FROM email.messages WHERE status = 'queued'")
     assert len(queued) == 5
 
-    run(coord, PAUSE)
+    pause(coord)
     coord.all("ALTER EXTENSION pg_email UPDATE")
     assert coord.val(VERSIONS) == ["0.2.0"] * 3
-    wait_paused(coord)  # until the update, the workers wait for it; then they stay paused
+    wait_paused(coord)  # until the update the workers wait for it; then they stay paused
     assert {name: coord.val(q) for name, q in TABLES.items()} == before
     digests = coord.val(DIGESTS, DIGEST)
     assert None not in digests and len(set(digests)) == 1, f"the nodes' catalogs differ after the update: {digests}"
@@ -118,7 +128,7 @@ def test_a_distributed_installation_is_updated_on_every_node_shard_and_row(coord
     rows = {name: coord.val(q) for name, q in TABLES.items()}
     shards = coord.val("SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = 'email.messages'::regclass")
 
-    run(coord, PAUSE)
+    pause(coord)
     wait_paused(coord)
     coord.all(f"ALTER EXTENSION pg_email UPDATE TO '{TEST_VERSION}'")
     assert coord.val(VERSIONS) == [TEST_VERSION] * 3
