@@ -3,7 +3,7 @@ cluster of its own: 0.1.0 installed on the coordinator (and so on every node) ho
 every kind is updated with the README's steps, then distributed, and the mail it held is sent;
 then a distributed installation goes through a test-only update that changes the kinds of object
 a real upgrade script changes (a column and an index on the sharded outbox, a column on a
-co-located table and on a reference table, a constraint, a per-node table, a function) and back,
+co-located table, on a reference table and on a per-node table, a constraint, functions) and back,
 and every node, shard and row follows.
 
 Skipped, saying why, when Citus is not installed (as test_citus.py)."""
