@@ -323,9 +323,9 @@ ALTER TABLE email.receipts
 UPDATE email.receipts SET source = 'api' WHERE event IN ('suppressed', 'cancelled');
 CREATE UNIQUE INDEX receipts_provider_event ON email.receipts (message_id, transport, provider_event_id)
     WHERE provider_event_id IS NOT NULL;
--- The id in each makes "the newest message with this id" (email._record_events) one index
--- entry: with the id alone the planner may walk the primary key backwards and filter, which
--- reads the whole table for an id that matches nothing (an event for a purged message).
+-- Ending with id makes "the newest message with this id" (email._record_events) a single index
+-- probe; with the looked-up column alone the planner may walk the primary key backwards with a
+-- filter, which reads the whole table for an id that matches nothing (a purged message's event).
 CREATE INDEX messages_provider_message_id ON email.messages (provider_message_id, id)
     WHERE provider_message_id IS NOT NULL;
 CREATE INDEX messages_message_id ON email.messages (message_id, id);

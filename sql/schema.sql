@@ -94,9 +94,10 @@ CREATE UNIQUE INDEX messages_idempotency_key ON email.messages (created_by, idem
 CREATE INDEX messages_finished ON email.messages (created_at) WHERE email._is_finished(status);
 CREATE INDEX messages_created_by ON email.messages (created_by);
 -- Provider events name a message by the provider's id or by its Message-ID when they do not
--- echo ours. The id in each makes "the newest message with this id" (email._record_events) one index
--- entry: with the id alone the planner may walk the primary key backwards and filter, which
--- reads the whole table for an id that matches nothing (an event for a purged message).
+-- echo ours.
+-- Ending with id makes "the newest message with this id" (email._record_events) a single index
+-- probe; with the looked-up column alone the planner may walk the primary key backwards with a
+-- filter, which reads the whole table for an id that matches nothing (a purged message's event).
 CREATE INDEX messages_provider_message_id ON email.messages (provider_message_id, id)
     WHERE provider_message_id IS NOT NULL;
 CREATE INDEX messages_message_id ON email.messages (message_id, id);
