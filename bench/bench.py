@@ -206,18 +206,34 @@ def enqueue(n, transport, body=BODY_2K, chunk=100_000):
         done += k
 
 
+def sent_counter():
+    """Messages the delivery workers recorded as sent since they started: their counters in
+    shared memory (email.worker_status), bumped after each write-back commits."""
+    return val("SELECT coalesce(sum(sent), 0) FROM email.worker_status() WHERE kind = 'delivery'")
+
+
 def drain(until_sent, timeout=600):
-    """Unpauses, waits until `until_sent` messages are sent, pauses; returns seconds."""
+    """Unpauses, waits until `until_sent` messages are sent (rows with status 'sent'), pauses;
+    returns seconds. Progress is read from the workers' counters, which cost nothing to read, and
+    the end is confirmed by counting the rows: counting them every 20 ms, as this did until 2 Dec
+    2026, took about a fifth of a core from the drain it timed (a 50,000-row count each time)."""
+    already = val("SELECT count(*) FROM email.messages WHERE status = 'sent'")
+    base, sent = sent_counter(), already
     set_conf(paused="off")
     t = time.monotonic()
+    counted = t
     while True:
-        sent = val("SELECT count(*) FROM email.messages WHERE status = 'sent'")
-        if sent >= until_sent:
-            el = time.monotonic() - t
-            break
-        if time.monotonic() - t > timeout:
+        now = time.monotonic()
+        # A row count once a second besides: the counters restart with a worker.
+        if already + sent_counter() - base >= until_sent or now - counted >= 1:
+            counted = now
+            sent = val("SELECT count(*) FROM email.messages WHERE status = 'sent'")
+            if sent >= until_sent:
+                el = now - t
+                break
+        if now - t > timeout:
             raise RuntimeError(f"drain stalled at {sent}")
-        time.sleep(0.02)
+        time.sleep(0.01)
     set_conf(paused="on")
     return el
 
