@@ -30,10 +30,24 @@ pub fn now_ts() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
-/// The current-thread runtime a worker drives in slices; its blocking-pool threads (DNS lookups)
+/// The listener's current-thread runtime, driven in slices; its blocking-pool threads (DNS lookups)
 /// start with every signal blocked, so Postgres' handlers only run on the main thread.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .on_thread_start(|| {
+            block_signals();
+        })
+        .build()
+}
+
+/// The delivery worker's runtime: one I/O thread runs the sends, started with every signal
+/// blocked, while the main thread (which alone talks to Postgres) claims and records; the main
+/// thread collects finished sends with `block_on`, with its signals blocked meanwhile.
+pub fn runtime_with_io_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .max_blocking_threads(2)
         .on_thread_start(|| {

@@ -1,7 +1,7 @@
 //! The `file://DIR` transport: each message is written as `DIR/<message-id>.eml` (written to a
 //! temporary name, synced to disk, then renamed, so a reader never sees half a file). A retry of
 //! the same message rewrites the same file. The write and its fsync run on tokio's blocking pool,
-//! so they never stall the other sends on the worker's single-threaded runtime.
+//! so they never stall the other sends on the worker's I/O thread.
 
 use std::fs::File;
 use std::io::Write;
@@ -28,8 +28,7 @@ impl FileTransport {
             .collect();
         let path = self.dir.join(format!("{stem}.eml"));
         let tmp = self.dir.join(format!(".{stem}.tmp"));
-        // The blocking pool needs its own copy: the message is shared with `Rc` on this thread.
-        let raw = m.raw.to_vec();
+        let raw = m.raw.clone();
         let target = path.clone();
         let written = tokio::task::spawn_blocking(move || write_durably(&tmp, &target, &raw)).await;
         let failure = match written {
@@ -87,7 +86,7 @@ fn write_durably(tmp: &Path, path: &Path, raw: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::rc::Rc;
+    use std::sync::Arc;
 
     use super::*;
 
@@ -97,7 +96,7 @@ mod tests {
             attempt: 1,
             from: "a@example.org".parse().unwrap(),
             to: vec!["b@example.org".parse().unwrap()],
-            raw: Rc::new(raw.to_vec()),
+            raw: Arc::new(raw.to_vec()),
             message_id: message_id.into(),
             fields: None,
         }

@@ -1,14 +1,15 @@
 //! Delivery, with no pgrx: DSN parsing, the transports and the classification of outcomes.
-//! DSN validation runs in backends; everything else runs on the worker's current-thread tokio
-//! runtime, on plain values the worker's main thread copied out of the database. Nothing here
-//! touches Postgres.
+//! DSN validation runs in backends; sends run as tasks on the worker's I/O thread (its tokio
+//! runtime's one worker thread), on plain values the worker's main thread copied out of the
+//! database, so they go on while the main thread claims and records. Nothing here touches
+//! Postgres.
 //!
 //! Dependencies point one way: `dsn` parses the common part of a DSN and asks the provider it
 //! names (`providers`) for the rest; `providers` holds everything about each provider API and
 //! builds plain requests; `http` sends them. `smtp`, `file` and the capture transport stand alone;
 //! `outcome` turns what any of them reports into changes to the outbox.
 
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lettre::Address;
@@ -29,10 +30,10 @@ pub struct Outgoing {
     pub attempt: i32,
     pub from: Address,
     pub to: Vec<Address>,
-    pub raw: Rc<Vec<u8>>,
+    pub raw: Arc<Vec<u8>>,
     pub message_id: String,
     /// The message as fields, for HTTP providers (None for SMTP, file and capture).
-    pub fields: Option<Rc<providers::Fields>>,
+    pub fields: Option<Arc<providers::Fields>>,
 }
 
 /// A reply about one message or one recipient.
@@ -67,7 +68,7 @@ pub enum Delivery {
         provider_id: Option<String>,
         rejected: Vec<(String, Reply)>,
         deferred: Vec<(String, Reply)>,
-        captured: Option<Rc<Vec<u8>>>,
+        captured: Option<Arc<Vec<u8>>>,
     },
     /// Try again later (4xx, network, timeout, 429/5xx): `rejected` recipients are refused for good.
     Transient { reply: Reply, retry_after: Option<Duration>, rejected: Vec<(String, Reply)> },
@@ -202,11 +203,12 @@ impl Transport {
     }
 }
 
-/// Reserves a send slot under a transport's rate cap; returns how long to wait.
-pub type Pacer = Rc<dyn Fn() -> Duration>;
+/// Reserves a send slot under a transport's rate cap; returns how long to wait. It runs on the
+/// worker's I/O thread, so it touches only atomics.
+pub type Pacer = Arc<dyn Fn() -> Duration + Send + Sync>;
 
 /// Waits for the transport's rate cap, then sends and times the send.
-pub async fn timed(name: String, t: Rc<Transport>, pacer: Option<Pacer>, m: Outgoing) -> Outcome {
+pub async fn timed(name: String, t: Arc<Transport>, pacer: Option<Pacer>, m: Outgoing) -> Outcome {
     if let Some(p) = pacer {
         let wait = p();
         if !wait.is_zero() {

@@ -4,8 +4,8 @@
 //! DSN's `timeout`. Each recipient gets its own RCPT result, so one refused address does not stop
 //! delivery to the others.
 
-use std::cell::RefCell;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -29,7 +29,7 @@ pub struct Smtp {
     credentials: Option<Credentials>,
     timeout: Duration,
     hello: ClientId,
-    idle: RefCell<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
     permits: Semaphore,
     secrets: Vec<String>,
 }
@@ -104,7 +104,7 @@ impl Smtp {
             credentials: d.user.clone().map(|u| Credentials::new(u, d.password.clone().unwrap_or_default())),
             timeout: d.timeout,
             hello,
-            idle: RefCell::new(Vec::new()),
+            idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(d.max_connections as usize),
             secrets: d.secrets().iter().map(|s| s.to_string()).collect(),
         })
@@ -203,13 +203,19 @@ impl Smtp {
         Ok(conn)
     }
 
+    /// Puts a connection back in the pool. The lock is never held across an await.
+    fn park(&self, conn: AsyncSmtpConnection) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push((conn, Instant::now()));
+    }
+
     pub async fn send(&self, m: &Outgoing) -> Delivery {
         let Ok(_permit) = self.permits.acquire().await else {
             return Delivery::closed();
         };
         // A pooled connection may have been closed by the server; one fresh try is allowed.
         let pooled = loop {
-            match self.idle.borrow_mut().pop() {
+            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match next {
                 Some((c, at)) if at.elapsed() < MAX_IDLE => break Some(c),
                 Some(_) => continue,
                 None => break None,
@@ -235,7 +241,7 @@ impl Smtp {
         match result {
             Ok(d) => {
                 if !has_deferral(&d) {
-                    self.idle.borrow_mut().push((conn, Instant::now()));
+                    self.park(conn);
                 }
                 d
             }
@@ -243,7 +249,7 @@ impl Smtp {
             Err(Step::Refused(e)) => {
                 let d = self.classify(&e, Vec::new());
                 if !e.is_transient() && self.bounded("RSET", conn.command(Rset)).await.is_ok() {
-                    self.idle.borrow_mut().push((conn, Instant::now()));
+                    self.park(conn);
                 }
                 d
             }

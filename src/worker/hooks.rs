@@ -1,7 +1,7 @@
 //! Outbound webhook deliveries, run by each delivery worker beside its mail. The main thread
 //! claims due rows of `email.webhook_deliveries` in a short transaction (at most
 //! `pg_email.webhook_concurrency` in flight per webhook in this worker), turns each into a signed
-//! POST (see `crate::outbound`) that runs as a future on the worker's runtime; the next turn's
+//! POST (see `crate::outbound`) that runs as a task on the worker's I/O thread; the next turn's
 //! transaction records the answers and claims more. A webhook that hangs holds only its own
 //! slots: mail and the other webhooks go on. Postgres is only called from the main thread.
 
@@ -65,7 +65,8 @@ pub struct Hooks {
     unusable: Option<(String, Duration)>,
     pub(super) posting: FuturesUnordered<Posting>,
     per_webhook: HashMap<String, usize>,
-    in_flight: Vec<i64>,
+    /// The deliveries being posted, with what stops their task at shutdown.
+    in_flight: Vec<(i64, tokio::task::AbortHandle)>,
     done: Vec<Done>,
     /// Deliveries may be due: claim at the next chance.
     pub maybe_due: bool,
@@ -108,7 +109,7 @@ impl Hooks {
 
     /// One short transaction: records the attempts that finished and, when deliveries may be
     /// due, claims them (those of webhooks below their cap) and starts posting them.
-    pub fn cycle(&mut self, slot: i32) {
+    pub fn cycle(&mut self, slot: i32, rt: &tokio::runtime::Handle) {
         let claim_now = self.maybe_due;
         if !claim_now && self.done.is_empty() {
             return;
@@ -161,8 +162,17 @@ impl Hooks {
         };
         for c in claimed {
             *self.per_webhook.entry(c.webhook.clone()).or_default() += 1;
-            self.in_flight.push(c.id);
-            self.posting.push(Box::pin(post(clients.clone(), c, version)));
+            let (id, webhook, attempt) = (c.id, c.webhook.clone(), c.attempts + 1);
+            let task = rt.spawn(post(clients.clone(), c, version));
+            self.in_flight.push((id, task.abort_handle()));
+            // A post that panicked (a bug) is tried again later, like a lost connection.
+            self.posting.push(Box::pin(async move {
+                task.await.unwrap_or_else(|e| {
+                    let reason = if e.is_panic() { "the post panicked" } else { "the post was stopped" };
+                    let outcome = outbound::Outcome::Retry { reason: reason.into(), after: None };
+                    Done { id, webhook, attempt, status: None, outcome }
+                })
+            }));
         }
     }
 
@@ -174,7 +184,7 @@ impl Hooks {
                 self.per_webhook.remove(&d.webhook);
             }
         }
-        self.in_flight.retain(|id| *id != d.id);
+        self.in_flight.retain(|(id, _)| *id != d.id);
         // A slot came free: deliveries waiting behind the cap may go now.
         self.maybe_due = true;
         self.done.push(d);
@@ -195,10 +205,16 @@ impl Hooks {
 
     /// Shutdown: records what finished; what is still in flight goes back to the queue (its
     /// attempt not counted).
-    pub fn release(&mut self, slot: i32) {
+    pub fn release(&mut self, slot: i32, rt: &tokio::runtime::Handle) {
         self.maybe_due = false;
-        self.cycle(slot);
-        let ids = std::mem::take(&mut self.in_flight);
+        self.cycle(slot, rt);
+        let ids: Vec<i64> = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .map(|(id, task)| {
+                task.abort();
+                id
+            })
+            .collect();
         self.posting = FuturesUnordered::new();
         self.per_webhook.clear();
         if ids.is_empty() {

@@ -1,11 +1,12 @@
 //! The delivery worker. `init` runs in the postmaster from `_PG_init`: it reserves shared memory
-//! and registers `pg_email.workers` background workers. Each worker process owns one
-//! current-thread tokio runtime. Its main thread alone talks to Postgres: it claims rows in a
-//! short transaction, builds the messages, hands them to the runtime as futures, drives the
-//! runtime in bounded slices (so signals are seen within milliseconds), and records finished
-//! sends in batches. The same loop posts outbound webhook deliveries (`hooks`), claimed apart
-//! from mail, and folds the email.stats rollup at its tick. Futures get plain values, never
-//! Postgres pointers.
+//! and registers `pg_email.workers` background workers. Each worker process owns one tokio
+//! runtime with one I/O thread. Its main thread alone talks to Postgres: it claims rows in a
+//! short transaction, builds the messages, and spawns each send as a task on the I/O thread,
+//! where SMTP sessions and HTTP requests go on while the main thread claims and records. The
+//! main thread collects finished sends in bounded slices (so signals are seen within
+//! milliseconds) and records them in batches. The same loop posts outbound webhook deliveries
+//! (`hooks`), claimed apart from mail, and folds the email.stats rollup at its tick. Tasks get
+//! plain values, never Postgres pointers, and touch shared memory only through atomics.
 
 pub mod hooks;
 pub mod queue;
@@ -15,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -48,10 +50,13 @@ const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often a worker folds pending receipts into the email.stats rollup (at its tick).
 const STATS_FOLD_EVERY: Duration = Duration::from_secs(2);
 
-type Sending = Pin<Box<dyn Future<Output = Outcome>>>;
+/// A send's task as the main thread awaits it: None when the worker stopped it at shutdown.
+type Sending = Pin<Box<dyn Future<Output = Option<Outcome>>>>;
 
 /// A job on its way: what the recording step needs besides the outcome.
 struct InFlight {
+    /// Stops the send's task when the worker puts its message back in the queue.
+    task: tokio::task::AbortHandle,
     rcpts: Vec<String>,
     envelope_from: String,
     /// Template mail: what it was rendered to, written back to the row with the outcome.
@@ -59,7 +64,7 @@ struct InFlight {
 }
 
 struct Route {
-    transport: Rc<Transport>,
+    transport: Arc<Transport>,
     fallback: Option<String>,
     pacer: Option<deliver::Pacer>,
 }
@@ -71,17 +76,13 @@ fn pacer(name: &str, rate: dsn::Rate) -> deliver::Pacer {
         key = (key ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
     let interval = (rate.per.as_nanos() / rate.count.max(1) as u128) as u64;
-    let local = Rc::new(std::sync::atomic::AtomicU64::new(0));
-    Rc::new(move || {
-        let now = deliver::rate::monotonic_ns();
-        // The shared cell lives in Postgres shared memory. This closure runs inside a future, which
-        // is fine only because the runtime is current-thread and driven by `block_on` on the main
-        // thread: it never runs on another thread, and it only touches an atomic.
-        let wait = match shmem::rate_slot(key) {
-            Some(cell) => deliver::rate::reserve(cell, now, interval),
-            None => deliver::rate::reserve(&local, now, interval),
-        };
-        Duration::from_nanos(wait)
+    // The shared cell is found here, on the main thread; the closure runs in send tasks on the
+    // I/O thread and only touches that atomic in shared memory (or a local one without it).
+    let shared = shmem::rate_slot(key);
+    let local = std::sync::atomic::AtomicU64::new(0);
+    Arc::new(move || {
+        let cell = shared.unwrap_or(&local);
+        Duration::from_nanos(deliver::rate::reserve(cell, deliver::rate::monotonic_ns(), interval))
     })
 }
 
@@ -119,7 +120,7 @@ pub extern "C-unwind" fn pg_email_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
 
-    let rt = match crate::bgw::runtime() {
+    let rt = match crate::bgw::runtime_with_io_thread() {
         Ok(rt) => rt,
         Err(e) => pgrx::error!("pg_email worker: cannot start its runtime: {e}"),
     };
@@ -310,7 +311,7 @@ fn prepare(
     let fields = if http {
         let f = deliver::providers::Fields::from_stored(&stored, pending, job.tags.clone(), job.metadata.clone())
             .map_err(|e| format!("the stored message cannot be built: {e}"))?;
-        Some(Rc::new(f))
+        Some(Arc::new(f))
     } else {
         None
     };
@@ -327,7 +328,7 @@ fn prepare(
         attempt: job.attempt,
         from,
         to,
-        raw: Rc::new(built.raw),
+        raw: Arc::new(built.raw),
         message_id: job.stored.message_id.clone(),
         fields,
     };
@@ -339,7 +340,7 @@ fn prepare(
 /// to the envelope recipients still pending.
 fn prepare_submitted(
     job: &queue::Job,
-    raw: &Rc<Vec<u8>>,
+    raw: &Arc<Vec<u8>>,
     links: Option<&Links>,
     http: bool,
     dkim: Option<(&crate::dkim::Signers, bool)>,
@@ -366,7 +367,7 @@ fn prepare_submitted(
         Some((signers, ses)) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let from = crate::submission::from_address(raw).unwrap_or_default();
-            Rc::new(crate::dkim::sign(raw.to_vec(), signers.for_address(&from), ses, now))
+            Arc::new(crate::dkim::sign(raw.to_vec(), signers.for_address(&from), ses, now))
         }
         None => raw.clone(),
     };
@@ -384,6 +385,12 @@ fn prepare_submitted(
         message_id: job.stored.message_id.clone(),
         fields: None,
     })
+}
+
+/// A message that failed for good before any send: it cannot be prepared.
+fn unsent(id: i64, attempt: i32, transport: String, reason: String) -> Outcome {
+    let delivery = Delivery::Permanent { reply: Reply::new(None, reason), rejected: Vec::new() };
+    Outcome { id, attempt, transport, duration: Duration::ZERO, delivery }
 }
 
 impl Worker {
@@ -536,7 +543,7 @@ impl Worker {
             }
             // Webhook deliveries: answers recorded and due ones claimed apart from mail, each
             // webhook capped, so that neither waits for the other.
-            self.hooks.cycle(self.slot);
+            self.hooks.cycle(self.slot, self.rt.handle());
 
             if self.sending.is_empty() && self.done.is_empty() && !self.hooks.is_idle() {
                 // Only webhook posts in flight: drive them until half have finished (at most
@@ -617,7 +624,7 @@ impl Worker {
             match built {
                 Ok((t, rate)) => {
                     let pacer = rate.map(|r| pacer(&row.name, r));
-                    routes.insert(row.name, Route { transport: Rc::new(t), fallback: row.fallback, pacer });
+                    routes.insert(row.name, Route { transport: Arc::new(t), fallback: row.fallback, pacer });
                 }
                 Err(e) => {
                     warning!("pg_email: transport \"{}\" cannot be used: {e}", row.name);
@@ -652,8 +659,21 @@ impl Worker {
         match prepared {
             Ok((out, rendered)) => {
                 let rcpts = out.to.iter().map(|a| a.to_string()).collect();
-                self.in_flight.insert(job.id, InFlight { rcpts, envelope_from: out.from.to_string(), rendered });
-                self.sending.push(Box::pin(deliver::timed(job.transport.clone(), transport, pacer, out)));
+                let envelope_from = out.from.to_string();
+                let (id, attempt, name) = (job.id, job.attempt, job.transport.clone());
+                let task = self.rt.spawn(deliver::timed(name.clone(), transport, pacer, out));
+                self.in_flight.insert(job.id, InFlight { task: task.abort_handle(), rcpts, envelope_from, rendered });
+                // A send that panicked (a bug) is tried again later, like a lost connection.
+                self.sending.push(Box::pin(async move {
+                    match task.await {
+                        Ok(o) => Some(o),
+                        Err(e) if e.is_panic() => Some(Outcome {
+                            delivery: Delivery::transient(Reply::new(None, "the send panicked")),
+                            ..unsent(id, attempt, name, String::new())
+                        }),
+                        Err(_) => None,
+                    }
+                }));
             }
             Err(reason) => self.fail(&job, reason),
         }
@@ -661,15 +681,7 @@ impl Worker {
 
     /// Records a permanent failure of `job` that happened before any send.
     fn fail(&mut self, job: &queue::Job, reason: String) {
-        let delivery = Delivery::Permanent { reply: Reply::new(None, reason), rejected: Vec::new() };
-        let o = Outcome {
-            id: job.id,
-            attempt: job.attempt,
-            transport: job.transport.clone(),
-            duration: Duration::ZERO,
-            delivery,
-        };
-        self.done.push((o, None));
+        self.done.push((unsent(job.id, job.attempt, job.transport.clone(), reason), None));
     }
 
     /// Runs the runtime for up to `slice`, collecting finished sends and webhook posts, and
@@ -689,7 +701,7 @@ impl Worker {
             while !(sending.is_empty() && (posting.is_empty() || !hooks_only)) {
                 tokio::select! {
                     Some(o) = sending.next(), if !sending.is_empty() => {
-                        out.push(o);
+                        out.extend(o);
                         if out.len() >= max {
                             break;
                         }
@@ -774,8 +786,17 @@ impl Worker {
         while !(self.sending.is_empty() && self.hooks.posting.is_empty()) && Instant::now() < deadline {
             self.drive(Duration::from_millis(50));
         }
+        // Stop the sends still going. One that finished before it was stopped is recorded; the
+        // others' messages go back in the queue.
+        for f in self.in_flight.values() {
+            f.task.abort();
+        }
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !self.sending.is_empty() && Instant::now() < deadline {
+            self.drive(Duration::from_millis(50));
+        }
         self.record();
-        self.hooks.release(self.slot);
+        self.hooks.release(self.slot, self.rt.handle());
         let left: Vec<i64> = self.in_flight.keys().copied().collect();
         self.sending = FuturesUnordered::new();
         self.in_flight.clear();

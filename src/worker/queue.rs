@@ -59,7 +59,7 @@ pub struct Job {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub track: Track,
     /// A message received by SMTP submission: delivered as these bytes (DKIM signed), not built.
-    pub raw: Option<std::rc::Rc<Vec<u8>>>,
+    pub raw: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// What a message asked for, resolved at enqueue: tracking and a List-Unsubscribe header.
@@ -148,7 +148,7 @@ fn job(row: &SpiHeapTupleData) -> Job {
             clicks: flag(row, "track_clicks"),
             list_unsubscribe: flag(row, "list_unsubscribe"),
         },
-        raw: row.get_by_name::<Vec<u8>, _>("raw").ok().flatten().map(std::rc::Rc::new),
+        raw: row.get_by_name::<Vec<u8>, _>("raw").ok().flatten().map(std::sync::Arc::new),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Fixtures for the provider tests: one message as fields and as MIME bytes, a DSN config, and
 //! answers as a provider would send them.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use lettre::message::Mailbox;
 use reqwest::header::HeaderMap;
@@ -59,7 +59,7 @@ pub fn outgoing() -> Outgoing {
         attempt: 1,
         from: "shop@example.org".parse().unwrap(),
         to: vec!["ann@example.net".parse().unwrap()],
-        raw: Rc::new(RAW.to_vec()),
+        raw: Arc::new(RAW.to_vec()),
         message_id: "<m1@example.org>".into(),
         fields: None,
     }
