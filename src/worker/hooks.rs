@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
 use pgrx::bgworkers::BackgroundWorker;
@@ -33,6 +33,9 @@ const ASYNC_COMMIT: &str = include_str!("../../sql/worker/hooks_async_commit.sql
 const EXCERPT: usize = 500;
 /// The most deliveries claimed in one transaction.
 pub(super) const CLAIM_BATCH: usize = 256;
+/// While mail is backed up, deliveries are claimed at most this often (each claim up to the
+/// per-webhook caps): mail goes first, and the deliveries queued meanwhile go out after it.
+const WHILE_MAIL_BACKED_UP: Duration = Duration::from_millis(500);
 
 /// One claimed delivery, as read back.
 struct Claimed {
@@ -70,6 +73,8 @@ pub struct Hooks {
     done: Vec<Done>,
     /// Deliveries may be due: claim at the next chance.
     pub maybe_due: bool,
+    /// When deliveries were last claimed.
+    last_claim: Option<Instant>,
 }
 
 impl Hooks {
@@ -108,11 +113,18 @@ impl Hooks {
     }
 
     /// One short transaction: records the attempts that finished and, when deliveries may be
-    /// due, claims them (those of webhooks below their cap) and starts posting them.
-    pub fn cycle(&mut self, slot: i32, rt: &tokio::runtime::Handle) {
-        let claim_now = self.maybe_due;
+    /// due, claims them (those of webhooks below their cap) and starts posting them. While
+    /// `mail_backed_up` (the worker's last mail claim was a full batch) they are claimed only
+    /// every WHILE_MAIL_BACKED_UP.
+    pub fn cycle(&mut self, slot: i32, rt: &tokio::runtime::Handle, mail_backed_up: bool) {
+        let waiting = mail_backed_up && self.last_claim.is_some_and(|t| t.elapsed() < WHILE_MAIL_BACKED_UP);
+        let claim_now = self.maybe_due && !waiting;
         if !claim_now && self.done.is_empty() {
             return;
+        }
+        let deferred = self.maybe_due && !claim_now;
+        if claim_now {
+            self.last_claim = Some(Instant::now());
         }
         self.maybe_due = false;
         let rows = self.rows(slot);
@@ -153,7 +165,7 @@ impl Hooks {
                 })
         });
         // A full batch: more may be waiting.
-        self.maybe_due = room > 0 && claimed.len() == room;
+        self.maybe_due = deferred || (room > 0 && claimed.len() == room);
         if claimed.is_empty() {
             return;
         }
@@ -207,7 +219,7 @@ impl Hooks {
     /// attempt not counted).
     pub fn release(&mut self, slot: i32, rt: &tokio::runtime::Handle) {
         self.maybe_due = false;
-        self.cycle(slot, rt);
+        self.cycle(slot, rt, false);
         let ids: Vec<i64> = std::mem::take(&mut self.in_flight)
             .into_iter()
             .map(|(id, task)| {

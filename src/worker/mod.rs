@@ -542,8 +542,9 @@ impl Worker {
                 }
             }
             // Webhook deliveries: answers recorded and due ones claimed apart from mail, each
-            // webhook capped, so that neither waits for the other.
-            self.hooks.cycle(self.slot, self.rt.handle());
+            // webhook capped, so that neither waits for the other; while mail is backed up, mail
+            // goes first (deliveries are claimed twice a second, and catch up after).
+            self.hooks.cycle(self.slot, self.rt.handle(), backlog && !gucs::paused());
 
             if self.sending.is_empty() && self.done.is_empty() && !self.hooks.is_idle() {
                 // Only webhook posts in flight: drive them until half have finished (at most
