@@ -387,9 +387,9 @@ fn prepare_submitted(
     })
 }
 
-/// A message that failed for good before any send: it cannot be prepared.
-fn unsent(id: i64, attempt: i32, transport: String, reason: String) -> Outcome {
-    let delivery = Delivery::Permanent { reply: Reply::new(None, reason), rejected: Vec::new() };
+/// The outcome of a send that never reached the network: a message that cannot be prepared, or
+/// a send whose task panicked.
+fn unsent(id: i64, attempt: i32, transport: String, delivery: Delivery) -> Outcome {
     Outcome { id, attempt, transport, duration: Duration::ZERO, delivery }
 }
 
@@ -668,10 +668,9 @@ impl Worker {
                 self.sending.push(Box::pin(async move {
                     match task.await {
                         Ok(o) => Some(o),
-                        Err(e) if e.is_panic() => Some(Outcome {
-                            delivery: Delivery::transient(Reply::new(None, "the send panicked")),
-                            ..unsent(id, attempt, name, String::new())
-                        }),
+                        Err(e) if e.is_panic() => {
+                            Some(unsent(id, attempt, name, Delivery::transient(Reply::new(None, "the send panicked"))))
+                        }
                         Err(_) => None,
                     }
                 }));
@@ -682,7 +681,8 @@ impl Worker {
 
     /// Records a permanent failure of `job` that happened before any send.
     fn fail(&mut self, job: &queue::Job, reason: String) {
-        self.done.push((unsent(job.id, job.attempt, job.transport.clone(), reason), None));
+        let delivery = Delivery::permanent(Reply::new(None, reason));
+        self.done.push((unsent(job.id, job.attempt, job.transport.clone(), delivery), None));
     }
 
     /// Runs the runtime for up to `slice`, collecting finished sends and webhook posts, and
