@@ -302,7 +302,16 @@ def sending_keys(roles, keys):
         d.all("DELETE FROM email.api_keys WHERE name = ANY(%s)", names)
         for role in roles:
             d.all(f"DROP OWNED BY {role}")
-            d.all("DELETE FROM email.messages WHERE created_by = %s", role)
+            # The worker may be recording outcomes of these rows at this moment; PostgreSQL can
+            # resolve that by aborting this DELETE as a deadlock victim, so try again.
+            for attempt in range(10):
+                try:
+                    d.all("DELETE FROM email.messages WHERE created_by = %s", role)
+                    break
+                except psycopg2.errors.DeadlockDetected:
+                    if attempt == 9:
+                        raise
+                    time.sleep(0.2)
             d.all(f"DROP ROLE {role}")
     finally:
         d.conn.close()
