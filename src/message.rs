@@ -487,50 +487,98 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
     build_signed(m, None)
 }
 
-/// `build`, DKIM-signed with the sender domain's keys among `dkim` (`.1`: for SES, which
-/// rewrites Date and Message-ID).
-pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> Result<Built, FieldError> {
-    use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-    use lettre::message::{Attachment as LAttachment, MultiPart, SinglePart};
+/// A stored message's mailboxes, after every check `build` makes of the message.
+struct Checked {
+    from: Mailbox,
+    to: Vec<Mailbox>,
+    cc: Vec<Mailbox>,
+    bcc: Vec<Mailbox>,
+    reply_to: Vec<Mailbox>,
+}
 
+impl Checked {
+    /// The envelope recipients: to, cc and bcc, each address once.
+    fn recipients(&self) -> Vec<Address> {
+        let mut rcpts: Vec<Address> = Vec::new();
+        for mb in self.to.iter().chain(&self.cc).chain(&self.bcc) {
+            if !rcpts.iter().any(|a| AsRef::<str>::as_ref(a).eq_ignore_ascii_case(mb.email.as_ref())) {
+                rcpts.push(mb.email.clone());
+            }
+        }
+        rcpts
+    }
+}
+
+fn content_type(a: &Attachment) -> Result<lettre::message::header::ContentType, FieldError> {
+    lettre::message::header::ContentType::parse(&a.content_type)
+        .map_err(|_| FieldError::new("attachments", format!("{} is not a valid MIME type", show(&a.content_type))))
+}
+
+/// Every check `build` makes of a stored message, in its order, without building it.
+fn check(m: &Stored) -> Result<Checked, FieldError> {
     let from = ascii_mailbox(parse_mailbox("sender", &m.sender)?);
     let to = stored_list("recipients", &m.recipients)?;
     let cc = stored_list("cc", &m.cc)?;
     let bcc = stored_list("bcc", &m.bcc)?;
     check_single_line("subject", &m.subject)?;
+    let mut reply_to = Vec::new();
+    if let Some(r) = &m.reply_to {
+        reply_to = parse_mailboxes("reply_to", r)?.into_iter().map(ascii_mailbox).collect();
+    }
+    for (name, value) in &m.headers {
+        check_header_name(name)?;
+        check_single_line(&format!("headers.{name}"), value)?;
+        lettre::message::header::HeaderName::new_from_ascii(name.clone())
+            .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?;
+    }
+    if m.body.is_none() && m.html.is_none() {
+        return Err(FieldError::new("body", "the message has neither a text nor an HTML part"));
+    }
+    for a in &m.attachments {
+        content_type(a)?;
+    }
+    Ok(Checked { from, to, cc, bcc, reply_to })
+}
 
+/// What `build` checks and the envelope it gives, without the MIME bytes (`raw` is empty): for
+/// the providers that take the message as fields and build their own MIME.
+pub fn unbuilt(m: &Stored) -> Result<Built, FieldError> {
+    let c = check(m)?;
+    Ok(Built { to: c.recipients(), from: c.from.email, raw: Vec::new() })
+}
+
+/// `build`, DKIM-signed with the sender domain's keys among `dkim` (`.1`: for SES, which
+/// rewrites Date and Message-ID).
+pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> Result<Built, FieldError> {
+    use lettre::message::header::{HeaderName, HeaderValue};
+    use lettre::message::{Attachment as LAttachment, MultiPart, SinglePart};
+
+    let checked = check(m)?;
+    let Checked { from, to, cc, bcc, reply_to } = &checked;
     let subject = HeaderName::new_from_ascii("Subject".into()).map_err(|_| FieldError::new("subject", "internal"))?;
     let mut b = lettre::Message::builder()
         .from(from.clone())
         .raw_header(HeaderValue::dangerous_new_pre_encoded(subject, m.subject.clone(), encode_header_value(&m.subject)))
         .message_id(Some(m.message_id.clone()))
         .date_now();
-    for mb in &to {
+    for mb in to {
         b = b.to(mb.clone());
     }
-    for mb in &cc {
+    for mb in cc {
         b = b.cc(mb.clone());
     }
-    for mb in &bcc {
+    for mb in bcc {
         b = b.bcc(mb.clone());
     }
-    if let Some(r) = &m.reply_to {
-        for mb in parse_mailboxes("reply_to", r)? {
-            b = b.reply_to(ascii_mailbox(mb));
-        }
+    for mb in reply_to {
+        b = b.reply_to(mb.clone());
     }
     for (name, value) in &m.headers {
-        check_header_name(name)?;
-        check_single_line(&format!("headers.{name}"), value)?;
         let hn = HeaderName::new_from_ascii(name.clone())
             .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?;
         b = b.raw_header(HeaderValue::dangerous_new_pre_encoded(hn, value.clone(), encode_header_value(value)));
     }
 
-    let ctype = |a: &Attachment| {
-        ContentType::parse(&a.content_type)
-            .map_err(|_| FieldError::new("attachments", format!("{} is not a valid MIME type", show(&a.content_type))))
-    };
     let (inline, regular): (Vec<&Attachment>, Vec<&Attachment>) =
         m.attachments.iter().partition(|a| a.content_id.is_some() && m.html.is_some());
 
@@ -542,7 +590,8 @@ pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> 
             for a in &inline {
                 let cid = a.content_id.clone().unwrap_or_default();
                 rel = rel.singlepart(
-                    LAttachment::new_inline_with_name(cid, a.filename.clone()).body(a.content.clone(), ctype(a)?),
+                    LAttachment::new_inline_with_name(cid, a.filename.clone())
+                        .body(a.content.clone(), content_type(a)?),
                 );
             }
             Some(rel)
@@ -576,18 +625,13 @@ pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> 
             Body::Multi(mp) => MultiPart::mixed().multipart(mp),
         };
         for a in &regular {
-            mixed = mixed.singlepart(LAttachment::new(a.filename.clone()).body(a.content.clone(), ctype(a)?));
+            mixed = mixed.singlepart(LAttachment::new(a.filename.clone()).body(a.content.clone(), content_type(a)?));
         }
         b.multipart(mixed)
     }
     .map_err(|e| FieldError::new("message", format!("cannot be built: {e}")))?;
 
-    let mut rcpts: Vec<Address> = Vec::new();
-    for mb in to.iter().chain(&cc).chain(&bcc) {
-        if !rcpts.iter().any(|a| AsRef::<str>::as_ref(a).eq_ignore_ascii_case(mb.email.as_ref())) {
-            rcpts.push(mb.email.clone());
-        }
-    }
+    let rcpts = checked.recipients();
     let raw = match dkim {
         Some((signers, ses)) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -595,7 +639,7 @@ pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> 
         }
         None => message.formatted(),
     };
-    Ok(Built { from: from.email, to: rcpts, raw })
+    Ok(Built { from: checked.from.email, to: rcpts, raw })
 }
 
 #[cfg(test)]
@@ -758,6 +802,34 @@ mod tests {
         let raw = String::from_utf8(build(&s).unwrap().raw).unwrap();
         assert!(!raw.contains("multipart"));
         assert!(raw.contains("plain text"));
+    }
+
+    #[test]
+    fn unbuilt_checks_what_build_checks() {
+        let (b, u) = (build(&stored()).unwrap(), unbuilt(&stored()).unwrap());
+        assert_eq!((b.from, b.to), (u.from, u.to), "the same envelope");
+        assert!(u.raw.is_empty());
+        type Breaks = fn(&mut Stored);
+        let broken: Vec<(&str, Breaks)> = vec![
+            ("sender", |s| s.sender = "not an address".into()),
+            ("recipients", |s| s.recipients = vec!["a@x.org, b@x.org".into()]),
+            ("cc", |s| s.cc = vec!["c@".into()]),
+            ("bcc", |s| s.bcc = vec!["@x.org".into()]),
+            ("subject", |s| s.subject = "a\r\nBcc: e@z.org".into()),
+            ("reply_to", |s| s.reply_to = Some("nobody".into())),
+            ("headers", |s| s.headers = vec![("Bad Name".into(), "v".into())]),
+            ("headers.X-A", |s| s.headers = vec![("X-A".into(), "a\nb".into())]),
+            ("body", |s| (s.body, s.html) = (None, None)),
+            ("attachments", |s| s.attachments[0].content_type = "no type".into()),
+            ("attachments", |s| s.attachments[1].content_type = "image".into()),
+        ];
+        for (field, breaks) in broken {
+            let mut s = stored();
+            breaks(&mut s);
+            let (b, u) = (build(&s).expect_err(field), unbuilt(&s).expect_err(field));
+            assert_eq!(b, u, "{field}");
+            assert_eq!(u.field, field, "{u}");
+        }
     }
 
     #[test]

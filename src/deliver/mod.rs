@@ -30,6 +30,7 @@ pub struct Outgoing {
     pub attempt: i32,
     pub from: Address,
     pub to: Vec<Address>,
+    /// The MIME bytes; empty for the providers that take fields (all but SES).
     pub raw: Arc<Vec<u8>>,
     pub message_id: String,
     /// The message as fields, for HTTP providers (None for SMTP, file and capture).

@@ -273,8 +273,9 @@ fn rendered(
     Ok(stored)
 }
 
-/// Everything a send needs: the rendered, built message, its envelope (only the recipients
-/// still pending on a retry) and, for HTTP providers, its fields.
+/// Everything a send needs: the rendered message, built and signed when the transport carries
+/// MIME (`dkim` is `Some`), its envelope (only the recipients still pending on a retry) and, for
+/// HTTP providers, its fields.
 fn prepare(
     job: &queue::Job,
     templates: &std::sync::Arc<crate::render::Library>,
@@ -303,8 +304,13 @@ fn prepare(
             }
         }
     }
-    let built = crate::message::build_signed(&stored, dkim.filter(|(s, _)| !s.is_empty()))
-        .map_err(|e| format!("the stored message cannot be built: {e}"))?;
+    // Providers that take fields build their own MIME: the message is checked as for building,
+    // and not built.
+    let built = match dkim {
+        Some(dkim) => crate::message::build_signed(&stored, Some(dkim).filter(|(s, _)| !s.is_empty())),
+        None => crate::message::unbuilt(&stored),
+    }
+    .map_err(|e| format!("the stored message cannot be built: {e}"))?;
     let pending = job.pending.as_deref();
     let to: Vec<lettre::Address> =
         built.to.into_iter().filter(|a| crate::message::is_pending(pending, a.as_ref())).collect();
