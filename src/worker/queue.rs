@@ -22,6 +22,7 @@ const RECORD_OUTCOMES: &str = include_str!("../../sql/worker/record_outcomes.sql
 const RECORD_RECEIPTS: &str = include_str!("../../sql/worker/record_receipts.sql");
 const RECORD_SUPPRESSIONS: &str = include_str!("../../sql/worker/record_suppressions.sql");
 const RECORD_CAPTURED: &str = include_str!("../../sql/worker/record_captured.sql");
+const MESSAGE_EXISTS: &str = include_str!("../../sql/worker/message_exists.sql");
 const USER_TRIGGERS_OFF: &str = include_str!("../../sql/worker/user_triggers_off.sql");
 const USER_TRIGGERS_ON: &str = include_str!("../../sql/worker/user_triggers_on.sql");
 const RELEASE: &str = include_str!("../../sql/worker/release.sql");
@@ -360,7 +361,8 @@ impl Rows {
 /// Records a batch of outcomes in one transaction. A user trigger on the outbox tables cannot
 /// stop it: the batch is written in a subtransaction; if that fails, each outcome in its own;
 /// an outcome that still fails is written with user triggers off, its receipts saying why, so
-/// that the message keeps its true status and is never sent again because of a trigger.
+/// that the message keeps its true status and is never sent again because of a trigger. The
+/// outcome of a message deleted meanwhile is left out.
 pub fn complete(plans: &[Plan], captured: &[Captured]) {
     let captured_of = |id: i64| captured.iter().filter(|c| c.message_id == id).collect::<Vec<_>>();
     let bypassed_suppressions = BackgroundWorker::transaction(|| {
@@ -373,6 +375,11 @@ pub fn complete(plans: &[Plan], captured: &[Captured]) {
             let Err(error) = crate::subxact::run(|| Rows::of(std::iter::once(plan), captured_of(id)).write()) else {
                 continue;
             };
+            // Deleted while it was being sent: its receipts have no message to belong to.
+            if !spi(Spi::get_one_with_args::<bool>(MESSAGE_EXISTS, &[id.into()])).unwrap_or(true) {
+                log!("pg_email worker: message {id} was deleted while it was being sent; its outcome is not recorded");
+                continue;
+            }
             warning!(
                 "pg_email worker: recording the outcome of message {id} failed in a user trigger: {error}; \
                  it is recorded with user triggers off"

@@ -13,6 +13,7 @@ All classes have start()/stop() and are context managers (live.Server). start() 
 once the port answers; stop() is idempotent and leaves no process or thread behind. As a safety
 net every server still running when the interpreter exits is stopped (live.stop_all).
 """
+import asyncio
 import email
 import email.parser
 import email.policy
@@ -578,6 +579,11 @@ class _AioHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        gate = self.owner.hold
+        if gate is not None:  # answer only once the test opens the gate (or after 60 s)
+            with self.owner._lock:
+                self.owner.held += 1
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 60)
         transport = server.transport
         tls = transport is not None and transport.get_extra_info("ssl_object") is not None
         data = envelope.original_content
@@ -629,6 +635,10 @@ class AioSmtp(Server):
         self.messages = []
         self._lock = threading.Lock()
         self._controller = None
+        # A threading.Event: while it is set here and not set, DATA is not answered; .held
+        # counts the messages that waited for it.
+        self.hold = None
+        self.held = 0
 
     def __repr__(self):
         return f"<AioSmtp {self.host}:{self.port} tls={self.tls} auth={self.auth is not None}>"

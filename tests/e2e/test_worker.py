@@ -8,12 +8,13 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 
 import pytest
 
-from conftest import E2E_DIR, connect, send, status, wait_status, worker_pids
+from conftest import E2E_DIR, connect, send, server_log, status, wait_status, wait_until, worker_pids
 from servers import AioSmtp, Blackhole, Postfix, make_ca
 
 
@@ -269,3 +270,26 @@ def test_silent_server_times_out_others_keep_going_and_sigterm_is_prompt(mail):
         mail.wait("SELECT status::text IN ('queued', 'sending') FROM email.messages WHERE id = %s", stuck2)
         mail.wait("SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'pg_email worker'", timeout=10)
         mail.all("UPDATE email.messages SET status = 'cancelled' WHERE id IN (%s, %s)", stuck, stuck2)
+
+
+def test_a_message_deleted_while_it_is_sent_is_left_out_of_the_record(mail):
+    """A row deleted while its send is in flight: the worker's write-back no longer has it. It
+    used to take that for a failing user trigger and write the receipts with triggers off,
+    leaving receipts of a message that no longer exists."""
+    gate = threading.Event()
+    srv = AioSmtp(26533)
+    srv.hold = gate
+    with srv:
+        transport(mail, "held", "smtp://127.0.0.1:26533?tls=none")
+        gone = send(mail, "held", subject="deleted while sent")
+        wait_until(lambda: srv.held >= 1, "the send waits for its DATA reply")
+        mail.all("DELETE FROM email.messages WHERE id = %s", gone)
+        gate.set()
+        kept = send(mail, "held", subject="sent after it")
+        wait_status(mail, kept, "sent")
+        wait_until(lambda: f"message {gone} was deleted while it was being sent" in server_log(),
+                   "the worker logs that the outcome is left out")
+    assert [m["rcpt_tos"] for m in srv.messages] == [["ok@example.test"], ["ok@example.test"]]
+    assert mail.val("SELECT count(*) FROM email.receipts WHERE message_id = %s", gone) == 0
+    assert mail.val("SELECT count(*) FROM email.receipts WHERE message_id = %s AND event = 'sent'", kept) == 1
+    assert f"recording the outcome of message {gone} failed" not in server_log()
