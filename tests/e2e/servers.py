@@ -635,8 +635,8 @@ class AioSmtp(Server):
         self.messages = []
         self._lock = threading.Lock()
         self._controller = None
-        # A threading.Event: while it is set here and not set, DATA is not answered; .held
-        # counts the messages that waited for it.
+        # None, or a threading.Event: DATA is then answered only once the event is set (or
+        # after 60 s); .held counts the messages that waited for it.
         self.hold = None
         self.held = 0
 
