@@ -771,7 +771,7 @@ impl Worker {
             }
             plans.push(plan);
         }
-        queue::complete(&plans, &captured);
+        queue::complete(&self.outbox, &plans, &captured);
         if let Some(s) = shmem::slot(self.slot) {
             for p in &plans {
                 match p.update.status {

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import E2E_DIR, connect, send, server_log, status, wait_status, wait_until, worker_pids
+from conftest import E2E_DIR, connect, fresh, send, server_log, status, wait_status, wait_until, worker_pids
 from servers import AioSmtp, Blackhole, Postfix, make_ca
 
 
@@ -293,3 +293,28 @@ def test_a_message_deleted_while_it_is_sent_is_left_out_of_the_record(mail):
     assert mail.val("SELECT count(*) FROM email.receipts WHERE message_id = %s", gone) == 0
     assert mail.val("SELECT count(*) FROM email.receipts WHERE message_id = %s AND event = 'sent'", kept) == 1
     assert f"recording the outcome of message {gone} failed" not in server_log()
+
+
+def test_the_write_back_planned_once_finds_its_batch_by_primary_key(mail):
+    """The worker prepares the write-back of outcomes once and runs one generic plan for every
+    batch. That plan must find the batch by primary key, as a plan made for the batch does: one
+    that walked the partial index of leased rows (which statistics taken at a quiet moment show as
+    empty) would cost every write-back the whole lease set. Planned here as the worker plans it:
+    its session settings (sql/worker/session.sql) and a generic plan."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "sql", "worker", "session.sql")) as f:
+        settings = [line.rstrip(";") for line in f.read().splitlines() if line.startswith("SET ")]
+    with open(os.path.join(root, "sql", "worker", "record_outcomes.sql")) as f:
+        record = f.read()
+    d = fresh()
+    try:
+        wait_until(lambda: d.val("SELECT count(*) FROM email.messages WHERE status = 'sending'") == 0, "no message being sent")
+        d.all("ANALYZE email.messages")
+        for s in settings + ["SET plan_cache_mode = force_generic_plan"]:
+            d.all(s)
+        d.all(f"PREPARE record_outcomes(jsonb, bigint[]) AS {record}")
+        plan = "\n".join(r[0] for r in d.all("EXPLAIN EXECUTE record_outcomes('[]', '{}')"))
+        assert "Index Cond: (id = ANY ($2))" in plan and "messages_pkey" in plan, plan
+        assert "messages_leased" not in plan, plan
+    finally:
+        d.conn.close()
