@@ -33,7 +33,7 @@ import time
 
 from live import HOST, Server
 
-__all__ = ["Postfix", "AioSmtp", "make_ca", "Blackhole", "SmtpSink"]
+__all__ = ["Postfix", "AioSmtp", "make_ca", "Blackhole", "SmtpSink", "HeldReplies"]
 
 POSTFIX = "/usr/sbin/postfix"
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -813,18 +813,20 @@ def make_ca(dir):
 # --------------------------------------------------------------------------------------------
 
 
-class Blackhole(Server):
-    """Accepts TCP connections on 127.0.0.1:port and never sends a byte (nor reads one);
-    connections stay open until stop(). .connections counts accepted connections."""
+class _Listener(Server):
+    """A TCP listener on 127.0.0.1:port whose accepted connections go to `_accepted` (on the
+    listener's thread); `_stop` closes the listener and every connection kept in `_conns`."""
 
     def __init__(self, port):
         self.port = int(port)
         self.host = HOST
-        self.connections = 0
         self._sock = None
         self._conns = []
         self._thread = None
         self._stopping = threading.Event()
+
+    def _accepted(self, c):
+        raise NotImplementedError
 
     def _start(self):
         self._stopping.clear()
@@ -834,7 +836,7 @@ class Blackhole(Server):
         s.listen(512)
         s.settimeout(0.1)
         self._sock = s
-        self._thread = threading.Thread(target=self._loop, name=f"blackhole-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"{type(self).__name__}-{self.port}", daemon=True)
         self._thread.start()
 
     def _loop(self):
@@ -846,7 +848,7 @@ class Blackhole(Server):
             except OSError:
                 break
             self._conns.append(c)
-            self.connections += 1
+            self._accepted(c)
 
     def _stop(self):
         self._stopping.set()
@@ -862,6 +864,96 @@ class Blackhole(Server):
             except OSError:
                 pass
         self._conns = []
+
+
+class Blackhole(_Listener):
+    """Accepts TCP connections on 127.0.0.1:port and never sends a byte (nor reads one);
+    connections stay open until stop(). .connections counts accepted connections."""
+
+    def __init__(self, port):
+        super().__init__(port)
+        self.connections = 0
+
+    def _accepted(self, c):
+        self.connections += 1
+
+
+class HeldReplies(_Listener):
+    """An SMTP server that offers PIPELINING (RFC 2920) and holds its replies to MAIL and RCPT
+    until the client has sent DATA, as a pipelining server may: a client that waits for each
+    reply before its next command gets no reply at all. `reject` maps a MAIL FROM or RCPT TO
+    address to its reply; with `open_data_anyway` DATA is answered 354 even when no recipient was
+    taken (RFC 2920 says a client must be ready for that). `.messages` holds (sender, recipients,
+    data) of each message accepted; `.commands` every command line, in order."""
+
+    def __init__(self, port, *, reject=None, open_data_anyway=False):
+        super().__init__(port)
+        self.reject = dict(reject or {})
+        self.open_data_anyway = open_data_anyway
+        self.messages = []
+        self.commands = []
+
+    def _accepted(self, c):
+        threading.Thread(target=self._session, args=(c,), daemon=True).start()
+
+    def _session(self, c):
+        def say(*lines):
+            c.sendall("".join(line + "\r\n" for line in lines).encode())
+
+        def address(cmd):
+            return cmd[cmd.find("<") + 1:cmd.find(">")] if "<" in cmd else ""
+
+        held, sender, rcpts = [], None, []
+        with c, c.makefile("rb") as f:
+            c.settimeout(30)
+            try:
+                say("220 held.test ESMTP")
+                for raw in f:
+                    cmd = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    self.commands.append(cmd)
+                    verb = cmd.split(" ", 1)[0].split(":", 1)[0].upper()
+                    if verb in ("EHLO", "HELO"):
+                        say("250-held.test", "250-PIPELINING", "250 8BITMIME")
+                    elif verb == "MAIL":
+                        sender = None if address(cmd) in self.reject else address(cmd)
+                        held.append(self.reject.get(address(cmd), "250 2.1.0 Ok"))
+                    elif verb == "RCPT":
+                        if sender is None:
+                            held.append("503 5.5.1 Error: need MAIL command")
+                        elif address(cmd) in self.reject:
+                            held.append(self.reject[address(cmd)])
+                        else:
+                            rcpts.append(address(cmd))
+                            held.append("250 2.1.5 Ok")
+                    elif verb == "DATA":
+                        if not (rcpts or self.open_data_anyway):
+                            say(*held, "554 5.5.1 Error: no valid recipients")
+                        else:
+                            say(*held, "354 End data with <CR><LF>.<CR><LF>")
+                            data = b""
+                            for line in f:
+                                self.commands.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+                                if line == b".\r\n":
+                                    break
+                                data += line
+                            if rcpts:
+                                self.messages.append((sender, rcpts, data))
+                                say(f"250 2.0.0 Ok: queued as H{len(self.messages)}")
+                            else:
+                                say("554 5.5.1 Error: no valid recipients")
+                        held, sender, rcpts = [], None, []
+                    elif verb == "RSET":
+                        say(*held, "250 2.0.0 Ok")
+                        held, sender, rcpts = [], None, []
+                    elif verb == "NOOP":
+                        say("250 2.0.0 Ok")
+                    elif verb == "QUIT":
+                        say("221 2.0.0 Bye")
+                        return
+                    else:
+                        say("502 5.5.2 Error: command not recognized")
+            except OSError:
+                return
 
 
 # --------------------------------------------------------------------------------------------

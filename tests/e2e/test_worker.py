@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from conftest import E2E_DIR, connect, fresh, send, server_log, status, wait_status, wait_until, worker_pids
-from servers import AioSmtp, Blackhole, Postfix, make_ca
+from servers import AioSmtp, Blackhole, HeldReplies, Postfix, make_ca
 
 
 def transport(db, name, dsn, fallback=None):
@@ -247,7 +247,9 @@ def test_silent_server_times_out_others_keep_going_and_sigterm_is_prompt(mail):
         transport(mail, "silent", "smtp://127.0.0.1:26531?tls=none&timeout=2s")
         transport(mail, "cap", "capture://")
         stuck = send(mail, "silent")
-        time.sleep(0.3)
+        # The silent server holds a send (and the worker is up: alone, this test can start
+        # before the workers do, which the timing below must not count).
+        wait_status(mail, stuck, "sending")
         start = time.monotonic()
         fast = send(mail, "cap")
         wait_status(mail, fast, "sent", timeout=5)
@@ -318,3 +320,56 @@ def test_the_write_back_planned_once_finds_its_batch_by_primary_key(mail):
         assert "messages_leased" not in plan, plan
     finally:
         d.conn.close()
+
+
+def held_transport(db, name, port):
+    # A short timeout: a client that waited for MAIL's reply before RCPT would time out.
+    transport(db, name, f"smtp://127.0.0.1:{port}?tls=none&timeout=5s")
+
+
+def test_commands_are_pipelined_where_offered_and_each_recipient_keeps_its_reply(mail):
+    """A server offering PIPELINING gets MAIL, the RCPTs and DATA before it answers any of them
+    (HeldReplies answers nothing until DATA), and each RCPT reply still lands on its recipient."""
+    with HeldReplies(26534, reject={"nouser@held.test": "550 5.1.1 No such user here",
+                                    "busy@held.test": "450 4.2.0 Mailbox busy"}) as srv:
+        held_transport(mail, "held", 26534)
+        mail.all("DELETE FROM email.suppressions WHERE address LIKE '%%@held.test'")
+        mid = send(mail, "held", recipients="nouser@held.test, ok@held.test, busy@held.test")
+        wait_status(mail, mid, "queued")
+        mail.wait("SELECT count(*) > 0 FROM email.receipts WHERE message_id = %s AND event = 'sent'", mid)
+        assert len(srv.messages) == 1
+        sender, rcpts, data = srv.messages[0]
+        assert rcpts == ["ok@held.test"] and subject_of(mail, mid).encode() in data
+        ev = {(x[0], x[1]): x for x in receipts(mail, mid)}
+        assert ev[("bounced", "nouser@held.test")][2:4] == (550, "5.1.1")
+        assert ev[("deferred", "busy@held.test")][2:4] == (450, "4.2.0")
+        assert ev[("sent", None)][2] == 250 and "queued as H1" in ev[("sent", None)][4]
+        # The deferred recipient is all that is left to send.
+        assert mail.val("SELECT pending_recipients FROM email.messages WHERE id = %s", mid) == ["busy@held.test"]
+        verbs = [c.split(":")[0].split(" ")[0].upper() for c in srv.commands]
+        assert verbs[verbs.index("MAIL"):verbs.index("MAIL") + 5] == ["MAIL", "RCPT", "RCPT", "RCPT", "DATA"]
+        mail.all("UPDATE email.messages SET status = 'cancelled' WHERE id = %s AND status = 'queued'", mid)
+
+
+def test_a_pipelined_message_refused_at_mail_or_with_no_recipient_sends_nothing(mail):
+    """MAIL refused: its reply fails the message, the RCPT and DATA replies that follow (503)
+    are read, and the connection goes on to deliver the next message. No recipient taken while
+    the server opens DATA anyway: an empty message ends it (refused), then RSET; nothing is
+    delivered. Then a good message goes through on the same server."""
+    with HeldReplies(26535, reject={"refused-sender@held.test": "550 5.7.1 Sender refused",
+                                    "nouser@held.test": "550 5.1.1 No such user here"},
+                     open_data_anyway=True) as srv:
+        held_transport(mail, "held2", 26535)
+        mail.all("DELETE FROM email.suppressions WHERE address LIKE '%%@held.test'")
+        refused = send(mail, "held2", sender="refused-sender@held.test", recipients="ok@held.test")
+        wait_status(mail, refused, "failed")
+        r = receipts(mail, refused)[-1]
+        assert r[2] == 550 and "Sender refused" in r[4]
+        nobody = send(mail, "held2", recipients="nouser@held.test")
+        wait_status(mail, nobody, "bounced")
+        assert srv.messages == []
+        after_data = srv.commands[srv.commands.index("DATA", srv.commands.index("RCPT TO:<nouser@held.test>")):]
+        assert after_data[1:3] == [".", "RSET"], after_data
+        good = send(mail, "held2", recipients="ok@held.test")
+        wait_status(mail, good, "sent")
+        assert [m[1] for m in srv.messages] == [["ok@held.test"]]
