@@ -189,10 +189,9 @@ impl Outbox {
         })
     }
 
-    /// Whether the claim and the write-back run as statements prepared once per worker. Parsing
-    /// and planning them for every batch took about a tenth of the worker's main thread at the
-    /// default settings (measured 2 Dec 2026: SMTP drain +12 %, HTTP drain +29 %). On Citus they
-    /// are planned per batch, so that its router sees the batch's ids.
+    /// Whether the claim and the write-back run as statements prepared once per worker
+    /// (`run_planned`). On Citus they are planned per batch, so that its router sees the batch's
+    /// ids.
     pub fn prepared(&self) -> bool {
         matches!(self, Outbox::Local)
     }
@@ -243,8 +242,8 @@ const CUSTOM_PLAN: &[(&CStr, &CStr)] = &[(c"plan_cache_mode", c"force_custom_pla
 const GENERIC_PLAN: &[(&CStr, &CStr)] = &[(c"plan_cache_mode", c"force_generic_plan")];
 
 /// Runs one of the worker's hot statements through a plan prepared once per worker, planned as
-/// `mode` says. Parsing (and for the write-back, planning) them for every batch took a fifth of
-/// the worker's main thread at the default settings.
+/// `mode` says. Parsing and planning them for every batch took about a fifth of the worker's
+/// main thread at the default settings (README, "Performance").
 fn run_planned<'conn>(
     client: &mut pgrx::spi::SpiClient<'conn>,
     mode: &[(&CStr, &CStr)],
