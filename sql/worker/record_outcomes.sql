@@ -8,9 +8,11 @@
 -- computed in the subquery (Citus refuses STABLE functions next to column references in an
 -- UPDATE), status comes typed, and `id = ANY ($2)` routes it to the shards holding the batch.
 -- On a local outbox the worker prepares it once and runs that one generic plan for every batch;
--- `id = ANY ($2)` is what finds the batch there too, by primary key. The lease check compares
--- status as text so that it cannot match the partial index of leased rows: a generic plan,
--- not knowing the batch, would take that index for one row and walk all of it every time.
+-- `id = ANY ($2)` is what finds the batch there too, by primary key. The lease check is written
+-- as a range from 'sending' to 'sending' (the same rows) so that it does not match the partial
+-- index of leased rows: a generic plan, not knowing the batch, would take that index for one
+-- row and walk all of it every time. (Not `status::text`: a cast to text is STABLE, which
+-- Citus refuses here.)
 UPDATE email.messages m
 SET status = u.status,
     next_attempt_at = CASE WHEN u.status = 'queued' THEN u.next_at ELSE m.next_attempt_at END,
@@ -26,4 +28,4 @@ FROM (SELECT x.*, now() AS now_at, now() + x.delay_ms * interval '1 millisecond'
       FROM jsonb_to_recordset($1) AS x(id bigint, attempt int, status email.status, delay_ms float8, transport text,
                                        last_error text, provider_message_id text, pending text[],
                                        subject text, body text, html text)) u
-WHERE m.id = u.id AND m.id = ANY ($2) AND m.status::text = 'sending' AND m.attempts = u.attempt
+WHERE m.id = u.id AND m.id = ANY ($2) AND m.status >= 'sending' AND m.status <= 'sending' AND m.attempts = u.attempt
