@@ -692,13 +692,17 @@ impl Worker {
     }
 
     /// Runs the runtime for up to `slice`, collecting finished sends and webhook posts, and
-    /// returns early when a batch is complete, or when no mail is left in flight (while mail is
+    /// returns early when half the sends have finished, or when no mail is left in flight (while mail is
     /// sent, webhook posts are collected as they finish). Signals are blocked meanwhile and taken
     /// as soon as it returns.
     fn drive(&mut self, slice: Duration) {
         let sending = &mut self.sending;
         let posting = &mut self.hooks.posting;
-        let max = gucs::batch_size();
+        // Back as soon as half the sends have finished (at most a batch): the other half keeps
+        // the connections busy while this thread records the finished ones and claims more.
+        // Waiting for a whole batch (or the slice) left them idle meanwhile: at the defaults (64
+        // in flight) an SMTP drain went from 4,500 to 8,000 msg/s with this (README).
+        let max = (sending.len() / 2).clamp(1, gucs::batch_size());
         let old = block_signals();
         let (finished, posted) = self.rt.block_on(async {
             let deadline = tokio::time::Instant::now() + slice;
