@@ -487,13 +487,17 @@ pub fn build(m: &Stored) -> Result<Built, FieldError> {
     build_signed(m, None)
 }
 
-/// A stored message's mailboxes, after every check `build` makes of the message.
+/// A stored message's mailboxes, header names and attachment types, parsed by every check
+/// `build` makes of the message (`header_names` in the order of `headers`, `content_types` in
+/// that of `attachments`).
 struct Checked {
     from: Mailbox,
     to: Vec<Mailbox>,
     cc: Vec<Mailbox>,
     bcc: Vec<Mailbox>,
     reply_to: Vec<Mailbox>,
+    header_names: Vec<lettre::message::header::HeaderName>,
+    content_types: Vec<lettre::message::header::ContentType>,
 }
 
 impl Checked {
@@ -525,19 +529,20 @@ fn check(m: &Stored) -> Result<Checked, FieldError> {
     if let Some(r) = &m.reply_to {
         reply_to = parse_mailboxes("reply_to", r)?.into_iter().map(ascii_mailbox).collect();
     }
+    let mut header_names = Vec::with_capacity(m.headers.len());
     for (name, value) in &m.headers {
         check_header_name(name)?;
         check_single_line(&format!("headers.{name}"), value)?;
-        lettre::message::header::HeaderName::new_from_ascii(name.clone())
-            .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?;
+        header_names.push(
+            lettre::message::header::HeaderName::new_from_ascii(name.clone())
+                .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?,
+        );
     }
     if m.body.is_none() && m.html.is_none() {
         return Err(FieldError::new("body", "the message has neither a text nor an HTML part"));
     }
-    for a in &m.attachments {
-        content_type(a)?;
-    }
-    Ok(Checked { from, to, cc, bcc, reply_to })
+    let content_types = m.attachments.iter().map(content_type).collect::<Result<Vec<_>, _>>()?;
+    Ok(Checked { from, to, cc, bcc, reply_to, header_names, content_types })
 }
 
 /// What `build` checks and the envelope it gives, without the MIME bytes (`raw` is empty): for
@@ -554,7 +559,7 @@ pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> 
     use lettre::message::{Attachment as LAttachment, MultiPart, SinglePart};
 
     let checked = check(m)?;
-    let Checked { from, to, cc, bcc, reply_to } = &checked;
+    let Checked { from, to, cc, bcc, reply_to, header_names, content_types } = &checked;
     let subject = HeaderName::new_from_ascii("Subject".into()).map_err(|_| FieldError::new("subject", "internal"))?;
     let mut b = lettre::Message::builder()
         .from(from.clone())
@@ -573,25 +578,23 @@ pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> 
     for mb in reply_to {
         b = b.reply_to(mb.clone());
     }
-    for (name, value) in &m.headers {
-        let hn = HeaderName::new_from_ascii(name.clone())
-            .map_err(|_| FieldError::new("headers", format!("header name {} is not valid", show(name))))?;
-        b = b.raw_header(HeaderValue::dangerous_new_pre_encoded(hn, value.clone(), encode_header_value(value)));
+    for ((_, value), hn) in m.headers.iter().zip(header_names) {
+        b = b.raw_header(HeaderValue::dangerous_new_pre_encoded(hn.clone(), value.clone(), encode_header_value(value)));
     }
 
-    let (inline, regular): (Vec<&Attachment>, Vec<&Attachment>) =
-        m.attachments.iter().partition(|a| a.content_id.is_some() && m.html.is_some());
+    type Typed<'a> = (&'a Attachment, &'a lettre::message::header::ContentType);
+    let (inline, regular): (Vec<Typed<'_>>, Vec<Typed<'_>>) =
+        m.attachments.iter().zip(content_types).partition(|(a, _)| a.content_id.is_some() && m.html.is_some());
 
     let html_part = match &m.html {
         None => None,
         Some(h) if inline.is_empty() => Some(MultiPart::alternative().singlepart(SinglePart::html(h.clone()))),
         Some(h) => {
             let mut rel = MultiPart::related().singlepart(SinglePart::html(h.clone()));
-            for a in &inline {
+            for (a, ct) in &inline {
                 let cid = a.content_id.clone().unwrap_or_default();
                 rel = rel.singlepart(
-                    LAttachment::new_inline_with_name(cid, a.filename.clone())
-                        .body(a.content.clone(), content_type(a)?),
+                    LAttachment::new_inline_with_name(cid, a.filename.clone()).body(a.content.clone(), (*ct).clone()),
                 );
             }
             Some(rel)
@@ -624,8 +627,8 @@ pub fn build_signed(m: &Stored, dkim: Option<(&crate::dkim::Signers, bool)>) -> 
             Body::Single(p) => MultiPart::mixed().singlepart(p),
             Body::Multi(mp) => MultiPart::mixed().multipart(mp),
         };
-        for a in &regular {
-            mixed = mixed.singlepart(LAttachment::new(a.filename.clone()).body(a.content.clone(), content_type(a)?));
+        for (a, ct) in &regular {
+            mixed = mixed.singlepart(LAttachment::new(a.filename.clone()).body(a.content.clone(), (*ct).clone()));
         }
         b.multipart(mixed)
     }
