@@ -224,15 +224,24 @@ def check_crash_copies(db, sink, tag, crashes):
     return copies, cut_short
 
 
+def all_despite_deadlocks(db, q, *args, attempts=10):
+    """db.all(q, *args), tried again (up to `attempts` times) when PostgreSQL ends it as the victim
+    of a deadlock with a worker that is writing back outcomes of the same rows."""
+    for attempt in range(attempts):
+        try:
+            return db.all(q, *args)
+        except psycopg2.errors.DeadlockDetected:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+
+
 def empty(db):
     """Empties db's outbox: queued rows are cancelled, then (waiting up to SLOW until no worker
     holds a row) email.messages is truncated with its receipts, attachments and captures."""
     deadline = time.monotonic() + SLOW
     while True:
-        try:
-            db.all("UPDATE email.messages SET status = 'cancelled' WHERE status = 'queued'")
-        except psycopg2.errors.DeadlockDetected:  # a worker updates the same rows
-            continue
+        all_despite_deadlocks(db, "UPDATE email.messages SET status = 'cancelled' WHERE status = 'queued'")
         left = db.val("SELECT count(*) FROM email.messages WHERE status IN ('queued', 'sending')")
         if left == 0:
             break
@@ -302,16 +311,7 @@ def sending_keys(roles, keys):
         d.all("DELETE FROM email.api_keys WHERE name = ANY(%s)", names)
         for role in roles:
             d.all(f"DROP OWNED BY {role}")
-            # The worker may be recording outcomes of these rows at this moment; PostgreSQL can
-            # resolve that by aborting this DELETE as a deadlock victim, so try again.
-            for attempt in range(10):
-                try:
-                    d.all("DELETE FROM email.messages WHERE created_by = %s", role)
-                    break
-                except psycopg2.errors.DeadlockDetected:
-                    if attempt == 9:
-                        raise
-                    time.sleep(0.2)
+            all_despite_deadlocks(d, "DELETE FROM email.messages WHERE created_by = %s", role)
             d.all(f"DROP ROLE {role}")
     finally:
         d.conn.close()

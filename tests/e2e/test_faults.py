@@ -19,8 +19,8 @@ import uuid
 
 import psycopg2
 
-from conftest import (E2E_DIR, Db, check_crash_copies, connect, fresh, kill_workers, restart_immediate,
-                      server_log, val_retry, wait_for_workers, wait_until, worker_pids)
+from conftest import (E2E_DIR, Db, all_despite_deadlocks, check_crash_copies, connect, fresh, kill_workers,
+                      restart_immediate, server_log, val_retry, wait_for_workers, wait_until, worker_pids)
 from servers import SmtpSink
 
 # Every SQLSTATE email.send, send_template and add_transport may answer bad input with.
@@ -290,12 +290,8 @@ def test_down_server_with_ten_thousand_queued_neither_grows_nor_spins(empty_outb
         assert idle_cpu < 3.0, f"workers used {idle_cpu:.2f} s of CPU in 20 s with nothing due"
         assert growth_kb < 20 * 1024, f"worker RSS grew by {growth_kb} kB"
         assert mail.val("SELECT count(*) FROM email.messages WHERE %s = ANY(tags) AND status NOT IN ('queued', 'sending')", tag) == 0
-        for _ in range(20):  # the workers update the same rows; a deadlock is retried
-            try:
-                mail.all("UPDATE email.messages SET status = 'cancelled' WHERE %s = ANY(tags) AND status = 'queued'", tag)
-                break
-            except psycopg2.errors.DeadlockDetected:
-                time.sleep(0.2)
+        all_despite_deadlocks(mail, "UPDATE email.messages SET status = 'cancelled' WHERE %s = ANY(tags) AND status = 'queued'",
+                              tag, attempts=20)
     finally:
         mail.all("ALTER SYSTEM RESET pg_email.retry_base")
         mail.all("ALTER SYSTEM RESET pg_email.retry_max")
